@@ -1,0 +1,33 @@
+//! Engine errors, split by who is at fault: the request (400), capacity
+//! (503), or the model / engine itself (500 and load failures).
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request cannot be served as asked; `param` names the field.
+    #[error("{message}")]
+    InvalidRequest { param: Option<String>, message: String },
+    /// The queue is full; retry later.
+    #[error("model {model} is overloaded: {queued} requests queued; retry later")]
+    Overloaded { model: String, queued: usize },
+    /// The model could not be loaded; names the file and what is wrong.
+    #[error("model {model}: {message}")]
+    Load { model: String, message: String },
+    /// A failure while running the model.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl EngineError {
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        EngineError::InvalidRequest {
+            param: param.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Inference(e.to_string())
+    }
+}

@@ -1,0 +1,24 @@
+//! The engine: turns a [`moat_artifact::VerifiedModel`] into a running model
+//! and chat requests into token streams.
+//!
+//! - [`load`]: weights, tokenizer and chat template, from verified bytes only;
+//! - [`template`]: the model's own chat template, rendered in a sandbox;
+//! - [`request`]: validation of a chat request into a [`request::ValidRequest`]
+//!   (the only thing the generator accepts);
+//! - [`generate`]: one worker thread per model with a bounded queue, sampling,
+//!   stop strings and the DeepSeek-R1 `<think>` split.
+//!
+//! The engine knows nothing about HTTP or who is calling.
+
+pub mod demo;
+pub mod error;
+pub mod generate;
+pub mod load;
+pub mod request;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+
+pub use error::EngineError;
+pub use generate::{Engine, Event, FinishReason, Usage};
+pub use request::{ChatMessage, ChatRequest, ValidRequest};

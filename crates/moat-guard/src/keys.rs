@@ -1,0 +1,442 @@
+//! API keys.
+//!
+//! A key is `moat_<public id>_<secret>`: 16 hex digits of id (safe to log,
+//! used to find the record) and 64 hex digits (256 bits) of secret. The keys
+//! file stores only SHA-256 of the secret (a fast hash is enough for 256-bit
+//! random secrets: there is nothing to brute-force), and the check compares
+//! hashes in constant time. The secret is shown once, at creation.
+//!
+//! The keys file is JSON, mode 0600, rewritten atomically (temp file + fsync
+//! + rename) under an advisory lock so concurrent `moat keys` commands cannot
+//! lose each other's changes. A running server re-reads it when it changes,
+//! so a revocation takes effect without a restart.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use subtle::ConstantTimeEq;
+
+const PREFIX: &str = "moat_";
+const ID_BYTES: usize = 8;
+const SECRET_BYTES: usize = 32;
+const FILE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl std::str::FromStr for Role {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            _ => Err(KeyError::Invalid(format!("role {s:?}: expected admin or user"))),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        })
+    }
+}
+
+/// One key as stored: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    pub id: String,
+    pub role: Role,
+    /// Models this key may use; empty means all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
+    #[serde(default)]
+    pub expires: Option<u64>,
+    #[serde(default)]
+    pub revoked: Option<u64>,
+    /// Lower-case hex SHA-256 of the secret part.
+    pub secret_sha256: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    version: u32,
+    keys: Vec<KeyRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: invalid keys file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no key with id {0:?}")]
+    NotFound(String),
+    #[error("cannot get random bytes from the OS: {0}")]
+    Random(String),
+}
+
+/// A freshly created key. `secret` is the whole key string, shown once.
+pub struct NewKey {
+    pub record: KeyRecord,
+    pub secret: String,
+}
+
+impl fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewKey")
+            .field("record", &self.record)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Parse a duration like `30d`, `12h`, `15m`, `3600s` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, KeyError> {
+    let bad = || {
+        KeyError::Invalid(format!(
+            "duration {s:?}: expected a number followed by s, m, h or d (e.g. 30d)"
+        ))
+    };
+    let (num, unit) = s.split_at(s.len().checked_sub(1).ok_or_else(bad)?);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(bad)
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_hex(n: usize) -> Result<String, KeyError> {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).map_err(|e| KeyError::Random(e.to_string()))?;
+    Ok(hex::encode(buf))
+}
+
+fn secret_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The keys file on disk.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    path: PathBuf,
+}
+
+impl KeyStore {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self) -> impl FnOnce(io::Error) -> KeyError + '_ {
+        |source| KeyError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// All records; a missing file is an empty set.
+    pub fn records(&self) -> Result<Vec<KeyRecord>, KeyError> {
+        let text = match fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io()(e)),
+        };
+        let file: KeyFile = serde_json::from_slice(&text).map_err(|e| KeyError::Format {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        if file.version != FILE_VERSION {
+            return Err(KeyError::Format {
+                path: self.path.clone(),
+                message: format!(
+                    "version {} is not supported (expected {FILE_VERSION})",
+                    file.version
+                ),
+            });
+        }
+        Ok(file.keys)
+    }
+
+    /// Load into the form the server checks requests against.
+    pub fn keyring(&self) -> Result<Keyring, KeyError> {
+        Ok(Keyring::new(self.records()?))
+    }
+
+    /// Read-modify-write under an exclusive advisory lock.
+    fn update<T>(&self, f: impl FnOnce(&mut Vec<KeyRecord>) -> Result<T, KeyError>) -> Result<T, KeyError> {
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(self.io())?;
+        }
+        let lock_path = self.path.with_extension("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| KeyError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| KeyError::Io {
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+        let mut keys = self.records()?;
+        let out = f(&mut keys)?;
+        let body = serde_json::to_vec_pretty(&KeyFile {
+            version: FILE_VERSION,
+            keys,
+        })
+        .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let write = || -> io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&body)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.io()(e)
+        })?;
+        Ok(out)
+    }
+
+    pub fn create(&self, role: Role, models: Vec<String>, ttl_secs: Option<u64>) -> Result<NewKey, KeyError> {
+        let id = random_hex(ID_BYTES)?;
+        let secret = random_hex(SECRET_BYTES)?;
+        let created = now_unix();
+        let record = KeyRecord {
+            id: id.clone(),
+            role,
+            models,
+            created,
+            expires: ttl_secs.map(|t| created.saturating_add(t)),
+            revoked: None,
+            secret_sha256: secret_hash(&secret),
+        };
+        let rec = record.clone();
+        self.update(move |keys| {
+            keys.push(rec);
+            Ok(())
+        })?;
+        Ok(NewKey {
+            record,
+            secret: format!("{PREFIX}{id}_{secret}"),
+        })
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<KeyRecord, KeyError> {
+        self.update(|keys| {
+            let rec = keys
+                .iter_mut()
+                .find(|k| k.id == id)
+                .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+            if rec.revoked.is_none() {
+                rec.revoked = Some(now_unix());
+            }
+            Ok(rec.clone())
+        })
+    }
+}
+
+/// Why a request's credentials were not accepted. Messages never echo the
+/// presented secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    Missing,
+    #[error("invalid API key")]
+    Invalid,
+    #[error("API key {0} has been revoked")]
+    Revoked(String),
+    #[error("API key {0} has expired")]
+    Expired(String),
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: String,
+    pub role: Role,
+    models: Vec<String>,
+}
+
+impl Principal {
+    pub fn may_use_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Keys indexed by public id, as loaded by a server.
+#[derive(Debug, Default, Clone)]
+pub struct Keyring {
+    by_id: HashMap<String, KeyRecord>,
+}
+
+impl Keyring {
+    pub fn new(records: Vec<KeyRecord>) -> Self {
+        Self {
+            by_id: records.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Check an `Authorization` header value (`Bearer <key>`) at time `now`.
+    pub fn authenticate(&self, authorization: Option<&str>, now: u64) -> Result<Principal, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::Invalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Invalid);
+        }
+        let (id, secret) = token
+            .trim()
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .ok_or(AuthError::Invalid)?;
+        let rec = self.by_id.get(id).ok_or(AuthError::Invalid)?;
+        let presented = secret_hash(secret);
+        if !bool::from(presented.as_bytes().ct_eq(rec.secret_sha256.as_bytes())) {
+            return Err(AuthError::Invalid);
+        }
+        // Only a caller holding the real secret learns the key's state.
+        if rec.revoked.is_some() {
+            return Err(AuthError::Revoked(rec.id.clone()));
+        }
+        if rec.expires.is_some_and(|e| now >= e) {
+            return Err(AuthError::Expired(rec.id.clone()));
+        }
+        Ok(Principal {
+            key_id: rec.id.clone(),
+            role: rec.role,
+            models: rec.models.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_authenticate_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path().join("keys.json"));
+        let k = store.create(Role::User, vec!["demo".into()], None).unwrap();
+        assert!(k.secret.starts_with("moat_"));
+        let text = fs::read_to_string(store.path()).unwrap();
+        let secret_part = k.secret.rsplit('_').next().unwrap();
+        assert!(!text.contains(secret_part), "plaintext secret stored");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(store.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let ring = store.keyring().unwrap();
+        let header = format!("Bearer {}", k.secret);
+        let p = ring.authenticate(Some(&header), now_unix()).unwrap();
+        assert_eq!(p.role, Role::User);
+        assert!(p.may_use_model("demo"));
+        assert!(!p.may_use_model("other"));
+
+        let wrong = format!("Bearer {}0", &k.secret[..k.secret.len() - 1]);
+        assert_eq!(
+            ring.authenticate(Some(&wrong), now_unix()),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(ring.authenticate(None, now_unix()), Err(AuthError::Missing));
+        assert_eq!(
+            ring.authenticate(Some("Basic abc"), now_unix()),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            ring.authenticate(Some("Bearer moat_x"), now_unix()),
+            Err(AuthError::Invalid)
+        );
+
+        store.revoke(&k.record.id).unwrap();
+        let ring = store.keyring().unwrap();
+        assert_eq!(
+            ring.authenticate(Some(&header), now_unix()),
+            Err(AuthError::Revoked(k.record.id.clone()))
+        );
+        assert!(matches!(store.revoke("nope"), Err(KeyError::NotFound(_))));
+    }
+
+    #[test]
+    fn expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path().join("keys.json"));
+        let k = store.create(Role::Admin, vec![], Some(60)).unwrap();
+        let ring = store.keyring().unwrap();
+        let header = format!("Bearer {}", k.secret);
+        let created = k.record.created;
+        assert!(ring.authenticate(Some(&header), created + 59).is_ok());
+        assert_eq!(
+            ring.authenticate(Some(&header), created + 60),
+            Err(AuthError::Expired(k.record.id))
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d").unwrap(), 30 * 86_400);
+        assert_eq!(parse_duration("90m").unwrap(), 5400);
+        for bad in ["", "d", "5", "5w", "-1d", "0d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

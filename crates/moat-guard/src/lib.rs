@@ -1,0 +1,8 @@
+//! Who is calling, and may they. So far: API keys with roles, per-model scopes
+//! and expiry ([`keys`]). The server calls [`keys::Keyring::authenticate`] on
+//! every non-public route and [`Principal::may_use_model`] before touching a
+//! model.
+
+pub mod keys;
+
+pub use keys::{AuthError, Keyring, Principal, Role};

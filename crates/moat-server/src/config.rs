@@ -1,0 +1,285 @@
+//! Configuration: one TOML file, read in two phases. [`RawConfig`] mirrors
+//! the file exactly and refuses unknown keys; [`RawConfig::validate`] turns
+//! it into [`Config`], naming the full key path of anything wrong
+//! (`inference.listen: …`, `models[1].name: …`). Every key is documented in
+//! `docs/config.md`.
+
+use moat_artifact::name::ModelName;
+use moat_engine::generate::EngineOptions;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Routes that may be configured public. Everything else always requires a key.
+pub const PUBLIC_ROUTE_CHOICES: &[&str] = &["/health", "/ready"];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub home: Option<PathBuf>,
+    pub keys_file: Option<PathBuf>,
+    #[serde(default)]
+    pub inference: RawInference,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub engine: RawEngine,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    pub listen: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub public_routes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    pub public: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub requests: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    pub queue_capacity: Option<usize>,
+    pub max_context: Option<usize>,
+    pub default_max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+}
+
+/// Where request records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestLogTarget {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub home: PathBuf,
+    pub keys_file: PathBuf,
+    pub inference_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub public_routes: Vec<String>,
+    pub metrics_listen: SocketAddr,
+    pub metrics_public: bool,
+    pub request_log: RequestLogTarget,
+    pub engine: EngineOptions,
+    pub models: Vec<ModelName>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+pub const DEFAULT_INFERENCE_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8082";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+impl RawConfig {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Check every value. `default_home` is used when `home` is not set
+    /// (the caller resolves `$MOAT_HOME` / `~/.local/share/moat`).
+    pub fn validate(self, default_home: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let home = self
+            .home
+            .or(default_home)
+            .ok_or_else(|| invalid("home", "not set, and neither $MOAT_HOME nor $HOME is available"))?;
+        let keys_file = self.keys_file.unwrap_or_else(|| home.join("keys.json"));
+        let addr = |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+            let s = v.unwrap_or_else(|| default.to_owned());
+            s.parse()
+                .map_err(|_| invalid(key, format!("{s:?} is not an address like {default}")))
+        };
+        let inference_listen = addr(
+            "inference.listen",
+            self.inference.listen,
+            DEFAULT_INFERENCE_LISTEN,
+        )?;
+        let metrics_listen = addr("metrics.listen", self.metrics.listen, DEFAULT_METRICS_LISTEN)?;
+        if inference_listen == metrics_listen && inference_listen.port() != 0 {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{metrics_listen} is also inference.listen"),
+            ));
+        }
+        let max_body_bytes = self.inference.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if !(1024..=(64 << 20)).contains(&max_body_bytes) {
+            return Err(invalid(
+                "inference.max_body_bytes",
+                format!("{max_body_bytes} is not between 1024 and 67108864"),
+            ));
+        }
+        let public_routes = self
+            .inference
+            .public_routes
+            .unwrap_or_else(|| vec!["/health".to_owned()]);
+        for (i, r) in public_routes.iter().enumerate() {
+            if !PUBLIC_ROUTE_CHOICES.contains(&r.as_str()) {
+                return Err(invalid(
+                    format!("inference.public_routes[{i}]"),
+                    format!(
+                        "{r:?} cannot be public (allowed: {})",
+                        PUBLIC_ROUTE_CHOICES.join(", ")
+                    ),
+                ));
+            }
+        }
+        let request_log = match self.log.requests.as_deref() {
+            None | Some("stdout") => RequestLogTarget::Stdout,
+            Some("stderr") => RequestLogTarget::Stderr,
+            Some(p) if p.starts_with('/') => RequestLogTarget::File(PathBuf::from(p)),
+            Some(p) => {
+                return Err(invalid(
+                    "log.requests",
+                    format!("{p:?}: use stdout, stderr or an absolute file path"),
+                ));
+            }
+        };
+        let defaults = EngineOptions::default();
+        let engine = EngineOptions {
+            queue_capacity: self.engine.queue_capacity.unwrap_or(defaults.queue_capacity),
+            max_context: self.engine.max_context.unwrap_or(defaults.max_context),
+            default_max_tokens: self
+                .engine
+                .default_max_tokens
+                .unwrap_or(defaults.default_max_tokens),
+        };
+        if !(1..=100_000).contains(&engine.queue_capacity) {
+            return Err(invalid("engine.queue_capacity", "must be between 1 and 100000"));
+        }
+        if !(16..=1_048_576).contains(&engine.max_context) {
+            return Err(invalid("engine.max_context", "must be between 16 and 1048576"));
+        }
+        if engine.default_max_tokens == 0 || engine.default_max_tokens > engine.max_context {
+            return Err(invalid(
+                "engine.default_max_tokens",
+                "must be at least 1 and at most engine.max_context",
+            ));
+        }
+        let mut models = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let name =
+                ModelName::parse(&m.name).map_err(|e| invalid(format!("models[{i}].name"), e.to_string()))?;
+            if models.contains(&name) {
+                return Err(invalid(
+                    format!("models[{i}].name"),
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            models.push(name);
+        }
+        if models.is_empty() {
+            return Err(invalid(
+                "models",
+                "no models configured: add [[models]] name = \"…\"",
+            ));
+        }
+        Ok(Config {
+            home,
+            keys_file,
+            inference_listen,
+            max_body_bytes,
+            public_routes,
+            metrics_listen,
+            metrics_public: self.metrics.public.unwrap_or(false),
+            request_log,
+            engine,
+            models,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        RawConfig::from_toml(text, Path::new("moat.toml"))?.validate(Some("/h".into()))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = check("[[models]]\nname = \"demo\"\n").unwrap();
+        assert_eq!(c.inference_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:8082");
+        assert_eq!(c.keys_file, PathBuf::from("/h/keys.json"));
+        assert_eq!(c.public_routes, vec!["/health"]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "[inference]\nlisten = \"nope\"\n[[models]]\nname=\"a\"",
+                "inference.listen",
+            ),
+            (
+                "[inference]\npublic_routes = [\"/v1/models\"]\n[[models]]\nname=\"a\"",
+                "inference.public_routes[0]",
+            ),
+            (
+                "[[models]]\nname=\"a\"\n[[models]]\nname=\"../x\"",
+                "models[1].name",
+            ),
+            ("[[models]]\nname=\"a\"\n[[models]]\nname=\"a\"", "models[1].name"),
+            (
+                "[engine]\nmax_context = 1\n[[models]]\nname=\"a\"",
+                "engine.max_context",
+            ),
+            ("", "models"),
+        ];
+        for (text, key) in cases {
+            let err = check(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text:?}: {err}");
+        }
+        let err = check("[inference]\nlisten2 = 1\n").unwrap_err().to_string();
+        assert!(err.contains("listen2"), "{err}");
+    }
+}

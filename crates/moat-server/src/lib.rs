@@ -1,0 +1,288 @@
+//! The HTTP planes: inference (OpenAI-compatible) and metrics, each its own
+//! listener. This crate wires the others together; the rules (what a valid
+//! key is, what a verified model is) live in the crates that own them.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod middleware;
+pub mod openai;
+pub mod state;
+
+use crate::config::{Config, RequestLogTarget};
+use crate::error::ApiError;
+use crate::middleware::{PublicRoutes, authenticate, request_context, require_admin};
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use moat_artifact::Store;
+use moat_audit::RequestLog;
+use moat_engine::Engine;
+use moat_guard::keys::KeyStore;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({plane} plane): {source}")]
+    Bind {
+        plane: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Keys { path: PathBuf, message: String },
+    #[error("request log {path}: {source}")]
+    RequestLog { path: PathBuf, source: std::io::Error },
+    #[error("store {path}: {source}")]
+    Store { path: PathBuf, source: std::io::Error },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Models that loaded, and those refused with the reason.
+pub struct LoadedModels {
+    pub engines: Vec<Engine>,
+    pub refused: Vec<(String, String)>,
+}
+
+/// Re-verify and load every configured model. A model that fails (missing,
+/// tampered, unloadable) is refused with a log line; the others still load.
+/// Blocking: run before the runtime serves requests.
+pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
+    let store = Store::open(&config.home).map_err(|source| ServerError::Store {
+        path: config.home.clone(),
+        source,
+    })?;
+    let mut engines = Vec::new();
+    let mut refused = Vec::new();
+    for name in &config.models {
+        let dir = store.model_dir(name);
+        let started = std::time::Instant::now();
+        let result = moat_artifact::verify::load_verified(&dir)
+            .map_err(|e| format!("verification failed: {e}"))
+            .and_then(|m| Engine::start(m, config.engine.clone()).map_err(|e| e.to_string()));
+        match result {
+            Ok(engine) => {
+                tracing::info!(model = %name, revision = engine.revision(), elapsed_ms = started.elapsed().as_millis() as u64, "model verified and loaded");
+                engines.push(engine);
+            }
+            Err(reason) => {
+                tracing::error!(model = %name, %reason, "refusing model");
+                refused.push((name.to_string(), reason));
+            }
+        }
+    }
+    Ok(LoadedModels { engines, refused })
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let refused: Vec<_> = state
+        .refused
+        .iter()
+        .map(|(n, r)| json!({"model": n, "reason": r}))
+        .collect();
+    let body = json!({"ready": !state.engines.is_empty(), "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused});
+    let status = if state.engines.is_empty() {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (status, axum::Json(body))
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found()
+}
+
+/// Layers are listed innermost first (axum wraps each `layer` around what
+/// came before); see `middleware.rs` for the order they run in.
+pub fn inference_router(state: Arc<AppState>) -> Router {
+    let public = PublicRoutes(Arc::new(state.public_routes.clone()));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{model}", get(openai::get_model))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), public),
+            authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
+        .with_state(state)
+}
+
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    let public = PublicRoutes(Arc::new(if state.metrics_public {
+        vec!["/metrics".to_owned()]
+    } else {
+        Vec::new()
+    }));
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), public),
+            authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
+        .with_state(state)
+}
+
+/// Identity of the keys file's current content, to notice edits cheaply.
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Re-read the keys file whenever it changes (a revoked key stops working
+/// within about a second, no restart). A file that fails to parse is
+/// reported and the previous keys stay in force.
+fn watch_keys(state: Arc<AppState>, store: KeyStore) {
+    tokio::spawn(async move {
+        let mut last = file_stamp(store.path());
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let now = file_stamp(store.path());
+            if now == last {
+                continue;
+            }
+            last = now;
+            match store.keyring() {
+                Ok(ring) => {
+                    tracing::info!(keys = ring.len(), "keys file changed; reloaded");
+                    state.set_keyring(ring);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "keys file changed but cannot be read; keeping the previous keys")
+                }
+            }
+        }
+    });
+}
+
+/// Bound listeners, before serving: lets the caller learn the real ports
+/// (when configured as port 0) before anything is served.
+pub struct Bound {
+    inference: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    pub inference_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
+    let listen = |plane, addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { plane, addr, source })
+    };
+    let inference = listen("inference", config.inference_listen).await?;
+    let metrics = listen("metrics", config.metrics_listen).await?;
+    let addr = |l: &tokio::net::TcpListener, plane| {
+        l.local_addr().map_err(|source| ServerError::Bind {
+            plane,
+            addr: config.inference_listen,
+            source,
+        })
+    };
+    Ok(Bound {
+        inference_addr: addr(&inference, "inference")?,
+        metrics_addr: addr(&metrics, "metrics")?,
+        inference,
+        metrics,
+    })
+}
+
+/// Serve both planes until `shutdown` resolves; in-flight requests finish.
+pub async fn serve(
+    config: &Config,
+    models: LoadedModels,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let keys = KeyStore::new(config.keys_file.clone());
+    let keyring = keys.keyring().map_err(|e| ServerError::Keys {
+        path: config.keys_file.clone(),
+        message: e.to_string(),
+    })?;
+    if keyring.is_empty() {
+        tracing::warn!(path = %config.keys_file.display(), "no API keys: authenticated routes will answer 401; create one with `moat keys create`");
+    }
+    let request_log = match &config.request_log {
+        RequestLogTarget::Stdout => RequestLog::stdout(),
+        RequestLogTarget::Stderr => RequestLog::stderr(),
+        RequestLogTarget::File(p) => RequestLog::file(p).map_err(|source| ServerError::RequestLog {
+            path: p.clone(),
+            source,
+        })?,
+    };
+    let engines: BTreeMap<String, Arc<Engine>> = models
+        .engines
+        .into_iter()
+        .map(|e| (e.name().to_owned(), Arc::new(e)))
+        .collect();
+    let state = Arc::new(AppState {
+        engines,
+        refused: models.refused,
+        loaded_at: moat_guard::keys::now_unix(),
+        keyring: RwLock::new(Arc::new(keyring)),
+        metrics: metrics::Metrics::new(),
+        request_log,
+        public_routes: config.public_routes.clone(),
+        max_body_bytes: config.max_body_bytes,
+        metrics_public: config.metrics_public,
+    });
+    watch_keys(state.clone(), keys);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    tracing::info!(addr = %bound.inference_addr, "inference plane listening");
+    tracing::info!(addr = %bound.metrics_addr, "metrics plane listening");
+    let inference = axum::serve(bound.inference, inference_router(state.clone()))
+        .with_graceful_shutdown(until(stop_rx.clone()));
+    let metrics = axum::serve(bound.metrics, metrics_router(state)).with_graceful_shutdown(until(stop_rx));
+    let (a, b) = tokio::join!(inference.into_future(), metrics.into_future());
+    a.map_err(ServerError::Serve)?;
+    b.map_err(ServerError::Serve)?;
+    Ok(())
+}

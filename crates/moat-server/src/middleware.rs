@@ -1,0 +1,108 @@
+//! The layers every request passes, outermost first:
+//!
+//! 1. [`request_context`]: mints the request id (answered in `x-request-id`
+//!    on every response, errors included) and the [`RequestContext`] that
+//!    records the request when it ends; it sits outermost so that requests
+//!    rejected by any later layer are still recorded and counted.
+//! 2. [`authenticate`]: every route needs a valid key unless it is in the
+//!    plane's public list, so a new route cannot skip authentication by
+//!    being forgotten. The [`Principal`] goes into the request extensions.
+//! 3. the handler (which authorizes per model).
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::{AppState, RequestContext};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use moat_guard::{AuthError, Principal};
+use std::sync::Arc;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn new_request_id() -> String {
+    let mut b = [0u8; 12];
+    // Ids need to be unique, not secret; fall back to time if the OS has no
+    // randomness rather than failing the request.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b.copy_from_slice(&t.to_le_bytes()[..12]);
+    }
+    hex::encode(b)
+}
+
+pub async fn request_context(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let id = new_request_id();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let ctx = Arc::new(RequestContext::new(
+        state,
+        id.clone(),
+        req.method().to_string(),
+        req.uri().path().to_owned(),
+        route,
+    ));
+    req.extensions_mut().insert(ctx.clone());
+    let mut resp = next.run(req).await;
+    ctx.set_status(resp.status().as_u16());
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        ctx.set_error(code.0);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    resp
+}
+
+/// Which public-route list a plane uses.
+#[derive(Clone)]
+pub struct PublicRoutes(pub Arc<Vec<String>>);
+
+pub async fn authenticate(
+    State((state, public)): State<(Arc<AppState>, PublicRoutes)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if public.0.iter().any(|p| p == req.uri().path()) {
+        return next.run(req).await;
+    }
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let now = moat_guard::keys::now_unix();
+    match state.keyring().authenticate(header, now) {
+        Ok(principal) => {
+            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
+                ctx.set_key(&principal.key_id);
+            }
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => {
+            let msg = match e {
+                AuthError::Invalid => "Incorrect API key provided".to_owned(),
+                other => other.to_string(),
+            };
+            let mut resp = ApiError::unauthenticated(msg).into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp
+        }
+    }
+}
+
+/// Metrics need an admin key unless `metrics.public = true`.
+pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.metrics_public {
+        return next.run(req).await;
+    }
+    match req.extensions().get::<Principal>() {
+        Some(p) if p.is_admin() => next.run(req).await,
+        _ => ApiError::forbidden("this route needs an admin key").into_response(),
+    }
+}

@@ -1,0 +1,153 @@
+//! State shared by the planes, and the per-request context that becomes the
+//! request record.
+//!
+//! A [`RequestContext`] is created for every request by the outermost layer
+//! and shared (`Arc`) with the auth layer, the handler and, for streams, the
+//! task that feeds the body. It writes the record and the metrics when the
+//! last holder lets go, which is when the response really ended: for a stream
+//! that is after `[DONE]` (or the client leaving), so the latency and token
+//! counts in the record are the true ones.
+
+use crate::metrics::{Metrics, ModelLabels, RouteLabels};
+use moat_audit::{RequestLog, RequestRecord, now_rfc3339};
+use moat_engine::Engine;
+use moat_guard::Keyring;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+pub struct AppState {
+    pub engines: BTreeMap<String, Arc<Engine>>,
+    /// Models configured but refused at load, with the reason.
+    pub refused: Vec<(String, String)>,
+    /// Unix time the models were loaded (the `created` of `/v1/models`).
+    pub loaded_at: u64,
+    pub keyring: RwLock<Arc<Keyring>>,
+    pub metrics: Metrics,
+    pub request_log: RequestLog,
+    pub public_routes: Vec<String>,
+    pub max_body_bytes: usize,
+    pub metrics_public: bool,
+}
+
+impl AppState {
+    pub fn keyring(&self) -> Arc<Keyring> {
+        match self.keyring.read() {
+            Ok(k) => k.clone(),
+            Err(poison) => poison.into_inner().clone(),
+        }
+    }
+
+    pub fn set_keyring(&self, ring: Keyring) {
+        let ring = Arc::new(ring);
+        match self.keyring.write() {
+            Ok(mut k) => *k = ring,
+            Err(poison) => *poison.into_inner() = ring,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    route: String,
+    key_id: Option<String>,
+    model: Option<String>,
+    status: u16,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    error: Option<String>,
+}
+
+pub struct RequestContext {
+    pub request_id: String,
+    method: String,
+    path: String,
+    started: Instant,
+    state: Arc<AppState>,
+    fields: Mutex<Fields>,
+}
+
+impl RequestContext {
+    pub fn new(
+        state: Arc<AppState>,
+        request_id: String,
+        method: String,
+        path: String,
+        route: String,
+    ) -> Self {
+        Self {
+            request_id,
+            method,
+            path,
+            started: Instant::now(),
+            state,
+            fields: Mutex::new(Fields {
+                route,
+                ..Fields::default()
+            }),
+        }
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Fields)) {
+        match self.fields.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poison) => f(&mut poison.into_inner()),
+        }
+    }
+
+    pub fn set_key(&self, key_id: &str) {
+        self.with(|f| f.key_id = Some(key_id.to_owned()));
+    }
+    pub fn set_model(&self, model: &str) {
+        self.with(|f| f.model = Some(model.to_owned()));
+    }
+    pub fn set_status(&self, status: u16) {
+        self.with(|f| f.status = status);
+    }
+    pub fn set_error(&self, code: &str) {
+        self.with(|f| f.error = Some(code.to_owned()));
+    }
+    pub fn set_tokens(&self, prompt: usize, completion: usize) {
+        self.with(|f| {
+            f.prompt_tokens = prompt as u64;
+            f.completion_tokens = completion as u64;
+        });
+    }
+}
+
+impl Drop for RequestContext {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let f = std::mem::take(match self.fields.get_mut() {
+            Ok(f) => f,
+            Err(poison) => poison.into_inner(),
+        });
+        let m = &self.state.metrics;
+        let labels = RouteLabels {
+            route: f.route.clone(),
+            status: f.status,
+        };
+        m.requests.get_or_create(&labels).inc();
+        m.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if let Some(model) = &f.model {
+            let l = ModelLabels { model: model.clone() };
+            m.prompt_tokens.get_or_create(&l).inc_by(f.prompt_tokens);
+            m.completion_tokens.get_or_create(&l).inc_by(f.completion_tokens);
+        }
+        let rec = RequestRecord {
+            time: now_rfc3339(),
+            request_id: std::mem::take(&mut self.request_id),
+            key_id: f.key_id,
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            model: f.model,
+            status: f.status,
+            prompt_tokens: f.prompt_tokens,
+            completion_tokens: f.completion_tokens,
+            latency_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            error: f.error,
+        };
+        // Failures are counted and reported inside `record`.
+        let _ = self.state.request_log.record(&rec);
+    }
+}

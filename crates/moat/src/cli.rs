@@ -1,0 +1,421 @@
+//! Flags and subcommands, and the small amount of glue per verb.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use moat_artifact::pull::{PullOutcome, PullRequest, pull};
+use moat_artifact::{Store, verify};
+use moat_engine::demo::{DemoOptions, Preset, WeightDtype, write_demo_model};
+use moat_guard::keys::{KeyStore, Role, parse_duration};
+use moat_server::config::{Config, RawConfig};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "moat",
+    version,
+    about = "A secure, self-hosted model server for open-weight LLMs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct StoreArg {
+    /// Store root (default: $MOAT_HOME, else ~/.local/share/moat).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    pub fn root(&self) -> Result<PathBuf> {
+        Store::default_root(self.store.as_deref(), |k| std::env::var(k).ok())
+            .context("no store: pass --store DIR or set $MOAT_HOME")
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configured models (OpenAI-compatible API).
+    Serve(ServeArgs),
+    /// Fetch a model, hash, scan and promote it into the trusted store.
+    Pull {
+        /// Model source: file://DIR.
+        source: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        revision: Option<String>,
+        /// Replace an existing model of the same name (atomically).
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Re-hash a stored model (NAME) or a model folder (PATH) against its lock.
+    Verify {
+        target: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Scan files or folders for unsafe content.
+    Scan {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCommand,
+        /// Keys file (default: <store>/keys.json).
+        #[arg(long, global = true, value_name = "FILE")]
+        keys_file: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Write a random-weight Qwen2 model in Hugging Face layout.
+    DemoModel {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "tiny", value_parser = ["tiny", "r1-distill-qwen-1.5b"])]
+        preset: String,
+        /// Weight dtype (default: f32 for tiny, bf16 for the 1.5B preset).
+        #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+        dtype: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML; see docs/config.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    pub check: bool,
+    /// Generate, pull and serve a demo model with a fresh admin key, in a
+    /// temporary folder. Fully offline.
+    #[arg(long, conflicts_with_all = ["config", "check"])]
+    pub demo: bool,
+    /// Override inference.listen (e.g. 127.0.0.1:0 for any free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Override metrics.listen.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Demo only: the seed of the generated model.
+    #[arg(long, default_value_t = 0, requires = "demo")]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; the key is printed once and only its hash is stored.
+    Create {
+        #[arg(long, value_parser = ["admin", "user"])]
+        role: String,
+        /// Models the key may use (comma-separated; default all).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (ids, roles, scopes; never secrets).
+    List,
+    /// Revoke a key by id; a running server stops accepting it within a second.
+    Revoke { id: String },
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Command::Serve(args) => serve(args),
+        Command::Pull {
+            source,
+            name,
+            revision,
+            replace,
+            store,
+        } => {
+            let store = Store::open(&store.root()?).context("cannot open the store")?;
+            let req = PullRequest {
+                source,
+                name,
+                revision,
+                replace,
+            };
+            Ok(report_pull(pull(&store, &req)))
+        }
+        Command::Verify { target, store } => verify_cmd(&target, &store),
+        Command::Scan { paths, format } => {
+            let report = moat_scan::scan_paths(&paths);
+            print!(
+                "{}",
+                if format == "json" {
+                    report.to_json() + "\n"
+                } else {
+                    report.to_text()
+                }
+            );
+            Ok(ExitCode::from(if report.summary.errors > 0 {
+                2
+            } else if report.summary.unsafe_files > 0 {
+                1
+            } else {
+                0
+            }))
+        }
+        Command::Keys {
+            cmd,
+            keys_file,
+            store,
+        } => {
+            let path = match keys_file {
+                Some(p) => p,
+                None => store.root()?.join("keys.json"),
+            };
+            keys(cmd, &KeyStore::new(path))
+        }
+        Command::DemoModel {
+            dir,
+            seed,
+            preset,
+            dtype,
+        } => {
+            let opts = DemoOptions {
+                seed,
+                preset: preset.parse::<Preset>().map_err(anyhow::Error::msg)?,
+                dtype: dtype
+                    .map(|d| d.parse::<WeightDtype>())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+            };
+            let summary = write_demo_model(&dir, &opts)?;
+            for (name, size) in &summary.files {
+                println!("{size:>14}  {name}");
+            }
+            println!(
+                "wrote a {} model ({} parameters) to {}",
+                preset,
+                summary.parameters,
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn report_pull(result: Result<PullOutcome, moat_artifact::PullError>) -> ExitCode {
+    match result {
+        Ok(PullOutcome::Promoted { lock, dir, replaced }) => {
+            let size: u64 = lock.files.iter().map(|f| f.size).sum();
+            println!(
+                "pulled {} ({} files, {size} bytes) at {}{} into {}",
+                lock.name,
+                lock.files.len(),
+                lock.revision,
+                if replaced {
+                    ", replacing the previous version"
+                } else {
+                    ""
+                },
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(PullOutcome::AlreadyPresent { lock, dir }) => {
+            println!(
+                "{} is already in the store at {} ({})",
+                lock.name,
+                lock.revision,
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_refusal() => {
+            if let moat_artifact::PullError::Refused(list) = &e {
+                for r in list {
+                    eprintln!("moat: refused: {}: {}: {}", r.file, r.rule, r.message);
+                }
+            }
+            eprintln!("moat: pull refused; the store is unchanged");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("moat: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn verify_cmd(target: &str, store: &StoreArg) -> Result<ExitCode> {
+    let dir = if target.contains('/') || Path::new(target).is_dir() {
+        PathBuf::from(target)
+    } else {
+        let name = moat_artifact::name::ModelName::parse(target)?;
+        let store = Store::open(&store.root()?).context("cannot open the store")?;
+        let dir = store.model_dir(&name);
+        if !dir.exists() {
+            bail!("no model named {name:?} in {}", store.root().display());
+        }
+        dir
+    };
+    let started = std::time::Instant::now();
+    match verify::verify_dir(&dir) {
+        Ok(lock) => {
+            let bytes: u64 = lock.files.iter().map(|f| f.size).sum();
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "ok: {} ({} files, {bytes} bytes) matches its lock at {} [{:.0} MB/s]",
+                lock.name,
+                lock.files.len(),
+                lock.revision,
+                bytes as f64 / 1e6 / secs.max(1e-9)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(verify::VerifyError::Mismatch { mismatches, .. }) => {
+            for m in &mismatches {
+                eprintln!("moat: mismatch: {m}");
+            }
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
+    match cmd {
+        KeysCommand::Create {
+            role,
+            models,
+            expires,
+        } => {
+            let role: Role = role.parse()?;
+            for m in &models {
+                moat_artifact::name::ModelName::parse(m)?;
+            }
+            let ttl = expires.as_deref().map(parse_duration).transpose()?;
+            let key = store.create(role, models, ttl)?;
+            eprintln!(
+                "created key {} ({}); it is shown once, store it now:",
+                key.record.id, key.record.role
+            );
+            println!("{}", key.secret);
+        }
+        KeysCommand::List => {
+            let now = moat_guard::keys::now_unix();
+            println!(
+                "{:<16}  {:<5}  {:<9}  {:<20}  models",
+                "id", "role", "state", "expires"
+            );
+            for k in store.records()? {
+                let state = if k.revoked.is_some() {
+                    "revoked"
+                } else if k.expires.is_some_and(|e| now >= e) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                let expires = k.expires.map_or("never".to_owned(), |e| {
+                    moat_audit::rfc3339_millis(u128::from(e) * 1000)
+                });
+                let models = if k.models.is_empty() {
+                    "*".to_owned()
+                } else {
+                    k.models.join(",")
+                };
+                println!(
+                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models}",
+                    k.id,
+                    k.role.to_string()
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let rec = store.revoke(&id)?;
+            println!("revoked {}", rec.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn load_serve_config(
+    args: &ServeArgs,
+    raw: RawConfig,
+) -> Result<Config, moat_server::config::ConfigError> {
+    let mut raw = raw;
+    if let Some(l) = &args.listen {
+        raw.inference.listen = Some(l.clone());
+    }
+    if let Some(l) = &args.metrics_listen {
+        raw.metrics.listen = Some(l.clone());
+    }
+    raw.validate(Store::default_root(None, |k| std::env::var(k).ok()))
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    if args.demo {
+        return crate::demo::serve_demo(&args);
+    }
+    let raw = match &args.config {
+        Some(path) => RawConfig::read(path),
+        None => Ok(RawConfig::default()),
+    };
+    let config = match raw.and_then(|raw| load_serve_config(&args, raw)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moat: config error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if args.check {
+        println!(
+            "config ok: {} model(s), inference on {}, metrics on {}",
+            config.models.len(),
+            config.inference_listen,
+            config.metrics_listen
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    run_server(&config, |_, _| {})
+}
+
+/// Load models, bind, call `on_bound` with the real addresses, serve until
+/// SIGINT/SIGTERM.
+pub fn run_server(
+    config: &Config,
+    on_bound: impl FnOnce(std::net::SocketAddr, std::net::SocketAddr),
+) -> Result<ExitCode> {
+    let models = moat_server::load_models(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let bound = moat_server::bind(config).await?;
+        on_bound(bound.inference_addr, bound.metrics_addr);
+        moat_server::serve(config, models, bound, shutdown_signal()).await?;
+        tracing::info!("shut down cleanly");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

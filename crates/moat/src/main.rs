@@ -1,0 +1,26 @@
+//! `moat`: the command line. It only parses flags and wires the crates
+//! together; exit codes follow DESIGN.md (0 ok, 1 refused / mismatch /
+//! unsafe, 2 error).
+
+mod cli;
+mod demo;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
