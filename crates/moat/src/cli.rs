@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct StoreArg {
     /// Store root (default: $MOAT_HOME, else ~/.local/share/moat).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
 }
 

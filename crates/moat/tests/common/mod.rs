@@ -1,0 +1,282 @@
+//! Fixtures for the integration tests: run the real `moat` binary, build
+//! model folders, snapshot the store, start a server on port 0 and talk to
+//! it over loopback.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn moat() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
+    c.env_remove("MOAT_HOME").env("MOAT_LOG", "info");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    moat().args(args).output().expect("run moat")
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `moat demo-model DIR --seed N` (tiny).
+pub fn demo_model(dir: &Path, seed: u64) {
+    let o = run(&["demo-model", dir.to_str().unwrap(), "--seed", &seed.to_string()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// `moat pull file://SRC --name NAME --store STORE`.
+pub fn pull(src: &Path, name: &str, store: &Path) -> Output {
+    run(&[
+        "pull",
+        &format!("file://{}", src.display()),
+        "--name",
+        name,
+        "--store",
+        store.to_str().unwrap(),
+    ])
+}
+
+pub fn pull_ok(src: &Path, name: &str, store: &Path) {
+    let o = pull(src, name, store);
+    assert_eq!(code(&o), 0, "pull {name}: {}", stderr(&o));
+}
+
+/// A safetensors file from a header text and `data_len` bytes of data.
+pub fn safetensors(header: &str, data_len: usize) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend(std::iter::repeat_n(0u8, data_len));
+    out
+}
+
+/// Every entry under `root`: relative path → (kind, mode, sha256 of content).
+pub type Snapshot = BTreeMap<String, (char, u32, String)>;
+
+pub fn snapshot(root: &Path) -> Snapshot {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                out.insert(rel, ('d', mode, String::new()));
+                walk(root, &path, out);
+            } else {
+                let digest = hex::encode(Sha256::digest(std::fs::read(&path).unwrap()));
+                out.insert(rel, ('f', mode, digest));
+            }
+        }
+    }
+    if root.exists() {
+        walk(root, root, &mut out);
+    }
+    out
+}
+
+/// Flip one byte of a (read-only) stored file.
+pub fn flip_byte(path: &Path, offset: usize) {
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    let mode = perms.mode();
+    perms.set_mode(0o600);
+    std::fs::set_permissions(path, perms.clone()).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+    perms.set_mode(mode);
+    std::fs::set_permissions(path, perms).unwrap();
+}
+
+/// Create a key with the CLI; returns (id, secret).
+pub fn create_key(store: &Path, role: &str, models: Option<&str>) -> (String, String) {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--role",
+        role,
+        "--store",
+        store.to_str().unwrap(),
+    ];
+    if let Some(m) = models {
+        args.extend(["--models", m]);
+    }
+    let o = run(&args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let secret = stdout(&o).trim().to_owned();
+    let id = secret.split('_').nth(1).unwrap().to_owned();
+    (id, secret)
+}
+
+/// A running `moat serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub metrics: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Start `moat serve --config` with `config` (listen addresses are set
+    /// to port 0 here) and wait until both planes listen.
+    pub fn start(dir: &Path, config: &str) -> Server {
+        let path = dir.join(format!("moat-{}.toml", std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        let mut child = moat()
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                for (plane, marker) in [
+                    ("inference", "inference plane listening"),
+                    ("metrics", "metrics plane listening"),
+                ] {
+                    if line.contains(marker) {
+                        let addr = line.rsplit("addr=").next().unwrap().trim().to_owned();
+                        let _ = tx.send((plane, addr));
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut base = String::new();
+        let mut metrics = String::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while base.is_empty() || metrics.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("inference", a)) => base = format!("http://{a}"),
+                Ok((_, a)) => metrics = format!("http://{a}"),
+                Err(_) => panic!("server did not start; log:\n{}", log.lock().unwrap().join("\n")),
+            }
+        }
+        Server {
+            child,
+            base,
+            metrics,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(mut self) -> i32 {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let code = self.child.wait().unwrap().code().unwrap_or(-1);
+        code
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// (status, body as JSON or a string value)
+pub fn get(url: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = agent().get(url);
+    if let Some(k) = key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    finish(req.call().unwrap())
+}
+
+pub fn post(url: &str, key: Option<&str>, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let mut req = agent().post(url).header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    finish(req.send(body.to_string()).unwrap())
+}
+
+fn finish(mut resp: ureq::http::Response<ureq::Body>) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, v)
+}
+
+/// A chat completion's text at the given settings.
+pub fn chat(base: &str, key: &str, model: &str, extra: serde_json::Value) -> (u16, serde_json::Value) {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me about moats."}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    post(&format!("{base}/v1/chat/completions"), Some(key), &body)
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+pub fn config(home: &Path, models: &[&str]) -> String {
+    let mut c = format!("home = \"{}\"\n", home.display());
+    for m in models {
+        c.push_str(&format!("[[models]]\nname = \"{m}\"\n"));
+    }
+    c
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+pub fn model_file(store: &Path, name: &str, rel: &str) -> PathBuf {
+    store.join("models").join(name).join("files").join(rel)
+}
