@@ -158,7 +158,7 @@ pub fn pull(store: &Store, req: &PullRequest) -> Result<PullOutcome, PullError> 
     sync_tree_dirs(&files_dir).map_err(io_err(&files_dir))?;
 
     // Scan exactly the bytes that would be stored.
-    let report = moat_scan::scan_paths(&[files_dir.clone()]);
+    let report = moat_scan::scan_paths(std::slice::from_ref(&files_dir));
     let refusals: Vec<Refusal> = report
         .files
         .iter()

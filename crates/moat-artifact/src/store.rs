@@ -78,10 +78,11 @@ impl Store {
         let mut names = Vec::new();
         for e in fs::read_dir(self.root.join(MODELS_DIR))? {
             let e = e?;
-            if let Ok(n) = e.file_name().into_string() {
-                if ModelName::parse(&n).is_ok() && e.path().join(LOCK_FILE).is_file() {
-                    names.push(n);
-                }
+            if let Ok(n) = e.file_name().into_string()
+                && ModelName::parse(&n).is_ok()
+                && e.path().join(LOCK_FILE).is_file()
+            {
+                names.push(n);
             }
         }
         names.sort();
@@ -166,10 +167,10 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Best-effort recursive removal of a folder whose files may be read-only.
 pub fn remove_tree(dir: &Path) {
     // Files are 0400 but removal needs only write permission on the folder.
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(path = %dir.display(), error = %e, "could not remove folder");
-        }
+    if let Err(e) = fs::remove_dir_all(dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %dir.display(), error = %e, "could not remove folder");
     }
 }
 

@@ -6,8 +6,8 @@
 //! random secrets: there is nothing to brute-force), and the check compares
 //! hashes in constant time. The secret is shown once, at creation.
 //!
-//! The keys file is JSON, mode 0600, rewritten atomically (temp file + fsync
-//! + rename) under an advisory lock so concurrent `moat keys` commands cannot
+//! The keys file is JSON, mode 0600, rewritten atomically (temp file, fsync,
+//! rename) under an advisory lock so concurrent `moat keys` commands cannot
 //! lose each other's changes. A running server re-reads it when it changes,
 //! so a revocation takes effect without a restart.
 

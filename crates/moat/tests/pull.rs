@@ -27,10 +27,9 @@ fn assert_refused(src: &Path, store: &Path, file: &str, rule: &str) {
     let o = pull(src, "incoming", store);
     let err = stderr(&o);
     assert_eq!(code(&o), 1, "expected a refusal for {rule}; stderr:\n{err}");
-    let line = err
-        .lines()
-        .find(|l| l.contains(rule))
-        .unwrap_or_else(|| panic!("rule {rule} not named:\n{err}"));
+    let line = err.lines().find(|l| l.contains(rule));
+    assert!(line.is_some(), "rule {rule} not named:\n{err}");
+    let line = line.unwrap_or_default();
     assert!(line.contains(file), "file {file} not named in {line:?}");
     assert_eq!(snapshot(store), before, "store changed after refusing {rule}");
 }

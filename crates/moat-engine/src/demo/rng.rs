@@ -45,11 +45,17 @@ impl Xoshiro256 {
         }
     }
 
-    /// A generator for one named stream (a tensor, the tokenizer's filler),
-    /// so that each stream's values do not depend on which others were drawn
-    /// before it.
+    /// A generator for one named stream (the tokenizer's filler), so that
+    /// its values do not depend on which others were drawn before it.
     pub(crate) fn for_stream(seed: u64, stream: &str) -> Self {
-        Self::from_seed(SplitMix64::new(seed).next_u64() ^ fnv1a64(stream.as_bytes()))
+        Self::from_seed(stream_key(seed, stream))
+    }
+
+    /// A generator for chunk `index` of a named stream (a tensor), so that
+    /// chunks can be drawn on any thread, in any order, with the same result.
+    pub(crate) fn for_chunk(seed: u64, stream: &str, index: u64) -> Self {
+        let mut mix = SplitMix64::new(stream_key(seed, stream) ^ index);
+        Self::from_seed(mix.next_u64())
     }
 
     #[inline]
@@ -79,6 +85,10 @@ impl Xoshiro256 {
         // `sum` < 2^18, so the conversion and subtraction are exact.
         (sum as f32 - IRWIN_HALL_MEAN) * IRWIN_HALL_INV_STD
     }
+}
+
+fn stream_key(seed: u64, stream: &str) -> u64 {
+    SplitMix64::new(seed).next_u64() ^ fnv1a64(stream.as_bytes())
 }
 
 /// FNV-1a, 64-bit: a fixed, dependency-free hash for naming streams.

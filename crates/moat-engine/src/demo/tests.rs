@@ -636,3 +636,40 @@ fn demo_r1_distill_full() {
     assert_eq!(tok.get_vocab_size(true), 151_936);
     assert_eq!(tok.token_to_id("<｜begin▁of▁sentence｜>"), Some(151_931));
 }
+
+#[test]
+fn demo_weights_do_not_depend_on_the_thread_count() {
+    let arch = Architecture::for_preset(Preset::Tiny);
+    let specs = tensor_specs(&arch);
+    let tensors: Vec<&spec::TensorSpec> = specs.iter().collect();
+    let mut one = Vec::new();
+    weights::write_safetensors_with(&mut one, &tensors, WeightDtype::Bf16, 11, 1).expect("1");
+    for workers in [2, 3, 64] {
+        let mut many = Vec::new();
+        weights::write_safetensors_with(&mut many, &tensors, WeightDtype::Bf16, 11, workers).expect("n");
+        assert!(one == many, "{workers} workers");
+    }
+}
+
+#[test]
+fn demo_write_errors_stop_the_generators() {
+    struct FailAfter(usize);
+    impl std::io::Write for FailAfter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 < buf.len() {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.0 -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let arch = Architecture::for_preset(Preset::Tiny);
+    let specs = tensor_specs(&arch);
+    let tensors: Vec<&spec::TensorSpec> = specs.iter().collect();
+    let err = weights::write_safetensors_with(&mut FailAfter(3 << 20), &tensors, WeightDtype::F32, 0, 3)
+        .expect_err("fails");
+    assert_eq!(err.to_string(), "disk full");
+}

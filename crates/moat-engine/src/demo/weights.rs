@@ -2,13 +2,14 @@
 //!
 //! The 1.5B preset is 3.6 GB in bf16 and 7 GB in f32, so nothing here holds a
 //! file or a whole tensor in memory: values are drawn from a per-tensor
-//! generator straight into a small reusable byte buffer and written through a
-//! `BufWriter`. The header is computed up front from the tensor list (every
+//! generator straight into small reusable byte buffers, on several threads,
+//! and written in order through a `BufWriter`. The header is computed up front from the tensor list (every
 //! size is known), with tensors and `data_offsets` in list order, so the same
 //! seed gives byte-identical files. Sharding follows Hugging Face's
 //! `max_shard_size="2GB"`: greedy, in order, at most 2·10⁹ data bytes a file.
 
 use std::io::Write;
+use std::sync::mpsc;
 
 use serde_json::{Map, Value, json};
 
@@ -19,8 +20,11 @@ use super::spec::{Init, TensorSpec};
 /// Hugging Face's "2GB" (decimal, as `transformers` parses it).
 pub(crate) const MAX_SHARD_BYTES: u64 = 2_000_000_000;
 
-/// Elements generated per write; 64 Ki elements is at most 256 KiB of bytes.
-const CHUNK_ELEMENTS: usize = 64 * 1024;
+/// Elements per chunk (at most 1 MiB of bytes). Each chunk has its own
+/// generator stream, so changing this changes the weights of every seed.
+const CHUNK_ELEMENTS: usize = 256 * 1024;
+/// Chunks the generator may run ahead of the writer.
+const QUEUE_CHUNKS: usize = 4;
 
 impl WeightDtype {
     pub(crate) fn bytes_per_element(self) -> u64 {
@@ -92,62 +96,128 @@ pub(crate) fn header(specs: &[&TensorSpec], dtype: WeightDtype) -> Result<Vec<u8
     Ok(out)
 }
 
-/// Writes one safetensors file (header, then each tensor's data) to `out`.
+/// Writes one safetensors file (header, then each tensor's data) to `out`,
+/// drawing values on as many threads as the machine offers (up to 8).
 pub(crate) fn write_safetensors<W: Write>(
     out: &mut W,
     specs: &[&TensorSpec],
     dtype: WeightDtype,
     seed: u64,
 ) -> std::io::Result<()> {
-    let header = header(specs, dtype).map_err(std::io::Error::other)?;
-    out.write_all(&header)?;
-    let mut buf = Vec::with_capacity(CHUNK_ELEMENTS * 4);
-    for spec in specs {
-        let mut rng = Xoshiro256::for_stream(seed, &spec.name);
-        let mut left = spec.elements();
-        while left > 0 {
-            let n = left.min(CHUNK_ELEMENTS as u64) as usize;
-            buf.clear();
-            fill(&mut buf, &mut rng, spec.init, dtype, n);
-            out.write_all(&buf)?;
-            left -= n as u64;
-        }
-    }
-    Ok(())
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    write_safetensors_with(out, specs, dtype, seed, workers)
 }
 
-/// Appends `n` little-endian values. One loop per (init, dtype) pair keeps the
-/// inner loops free of branches.
+/// One chunk of one tensor: the unit of generation.
+struct Chunk<'a> {
+    spec: &'a TensorSpec,
+    index: u64,
+    elements: usize,
+}
+
+/// [`write_safetensors`] with a given number of generator threads.
+///
+/// Each chunk has its own generator stream (seed, tensor name, chunk index),
+/// so the bytes do not depend on the number of threads. Worker `w` draws
+/// chunks `w, w + workers, …` into its own bounded queue, and this thread
+/// takes them round-robin, which restores the order without a reorder
+/// buffer; emptied buffers go back to their worker for reuse. A write error
+/// drops the queues, which stops the workers.
+pub(crate) fn write_safetensors_with<W: Write>(
+    out: &mut W,
+    specs: &[&TensorSpec],
+    dtype: WeightDtype,
+    seed: u64,
+    workers: usize,
+) -> std::io::Result<()> {
+    let header = header(specs, dtype).map_err(std::io::Error::other)?;
+    out.write_all(&header)?;
+    let chunks: Vec<Chunk<'_>> = specs
+        .iter()
+        .flat_map(|&spec| {
+            let total = spec.elements();
+            (0..total.div_ceil(CHUNK_ELEMENTS as u64)).map(move |index| Chunk {
+                spec,
+                index,
+                elements: (total - index * CHUNK_ELEMENTS as u64).min(CHUNK_ELEMENTS as u64) as usize,
+            })
+        })
+        .collect();
+    let workers = workers.clamp(1, chunks.len().max(1));
+    std::thread::scope(|scope| {
+        let mut queues = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_CHUNKS);
+            let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+            let chunks = &chunks;
+            scope.spawn(move || {
+                for chunk in chunks.iter().skip(w).step_by(workers) {
+                    let mut buf = empty_rx.try_recv().unwrap_or_default();
+                    let mut rng = Xoshiro256::for_chunk(seed, &chunk.spec.name, chunk.index);
+                    fill(&mut buf, &mut rng, chunk.spec.init, dtype, chunk.elements);
+                    if full_tx.send(buf).is_err() {
+                        return; // the writer failed and stopped listening
+                    }
+                }
+            });
+            queues.push((full_rx, empty_tx));
+        }
+        let mut result = Ok(());
+        for i in 0..chunks.len() {
+            let (full_rx, empty_tx) = &queues[i % workers];
+            let Ok(buf) = full_rx.recv() else {
+                result = Err(std::io::Error::other("a weight generator thread stopped early"));
+                break;
+            };
+            if let Err(e) = out.write_all(&buf) {
+                result = Err(e);
+                break;
+            }
+            // The worker may already be done; then the buffer is just freed.
+            let _ = empty_tx.send(buf);
+        }
+        // Unblocks workers waiting on a full queue before the scope joins them.
+        drop(queues);
+        result
+    })
+}
+
+/// Replaces `buf` with `n` little-endian values. One loop per (init, dtype)
+/// pair keeps the inner loops free of branches.
 fn fill(buf: &mut Vec<u8>, rng: &mut Xoshiro256, init: Init, dtype: WeightDtype, n: usize) {
+    let width = dtype.bytes_per_element() as usize;
+    buf.clear();
+    buf.resize(n * width, 0);
+    let slots = buf.chunks_exact_mut(width);
     match (init, dtype) {
         (Init::Normal(std), WeightDtype::F32) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&(rng.normalish() * std).to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&(rng.normalish() * std).to_le_bytes());
             }
         }
         (Init::Normal(std), WeightDtype::Bf16) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&f32_to_bf16(rng.normalish() * std).to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&f32_to_bf16(rng.normalish() * std).to_le_bytes());
             }
         }
         (Init::Normal(std), WeightDtype::F16) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&f32_to_f16(rng.normalish() * std).to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&f32_to_f16(rng.normalish() * std).to_le_bytes());
             }
         }
         (Init::Ones, WeightDtype::F32) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&1.0f32.to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&1.0f32.to_le_bytes());
             }
         }
         (Init::Ones, WeightDtype::Bf16) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&f32_to_bf16(1.0).to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&f32_to_bf16(1.0).to_le_bytes());
             }
         }
         (Init::Ones, WeightDtype::F16) => {
-            for _ in 0..n {
-                buf.extend_from_slice(&f32_to_f16(1.0).to_le_bytes());
+            for slot in slots {
+                slot.copy_from_slice(&f32_to_f16(1.0).to_le_bytes());
             }
         }
     }

@@ -1,7 +1,10 @@
 //! Fixtures for the integration tests: run the real `moat` binary, build
 //! model folders, snapshot the store, start a server on port 0 and talk to
 //! it over loopback.
-#![allow(dead_code)]
+// Test fixtures: a failed setup step must abort the test loudly, so
+// unwrap/expect/panic are the right tools here (lints relaxed for this
+// module only). Not every test file uses every fixture.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -193,8 +196,7 @@ impl Server {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        code
+        self.child.wait().unwrap().code().unwrap_or(-1)
     }
 }
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs every test of moat, after installing what the tests need:
+#   - a Python virtual environment with the official `openai` SDK and pytest
+#     (for the end-to-end tests against `moat serve --demo`);
+#   - nothing else: all other tests are Rust tests that start the real
+#     `moat` binary on loopback.
+# The cargo target directory is cached outside the clone so later runs on
+# the same machine are warm (override with CARGO_TARGET_DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moat/target}"
+VENV="${MOAT_TEST_VENV:-$HOME/.cache/moat/venv}"
+step() { printf '\n== %s\n' "$*"; }
+
+step "python test environment ($VENV)"
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    # Debian splits venv support out of python3.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$VENV"
+    else
+      echo "python3 -m venv failed: install python3-venv (Debian) and re-run" >&2
+      exit 1
+    fi
+  fi
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "rust tests (unit + integration against the real binary)"
+cargo build --workspace --locked
+cargo test --workspace --locked
+
+step "end to end with the official openai SDK"
+MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q tests/e2e
+
+step "fuzz smoke"
+if cargo fuzz --version >/dev/null 2>&1 && rustup toolchain list 2>/dev/null | grep -q nightly; then
+  for target in $(cargo fuzz list --fuzz-dir fuzz); do
+    cargo +nightly fuzz run --fuzz-dir fuzz "$target" -- -max_total_time=20
+  done
+else
+  echo "skipped: cargo-fuzz needs cargo-fuzz and a nightly toolchain; this machine has neither (stable only)"
+fi
+
+step "all tests passed"
