@@ -65,9 +65,12 @@ pub struct Usage {
 pub enum Event {
     /// Generated text: answer text in `content`, DeepSeek-R1 reasoning (the
     /// text inside `<think>…</think>`) in `reasoning`. One is non-empty.
+    /// `tokens` counts the completion tokens generated so far, so work a
+    /// client abandons mid-stream is still accounted for.
     Delta {
         content: String,
         reasoning: String,
+        tokens: usize,
     },
     Done {
         finish_reason: FinishReason,
@@ -266,11 +269,10 @@ impl Engine {
                 u64::from_le_bytes(b)
             }
         };
-        let starts_in_reasoning = self.shared.think_start.is_some() && {
-            let open = prompt.rfind("<think>");
-            let close = prompt.rfind("</think>");
-            open.is_some() && open > close
-        };
+        // Generation starts inside reasoning only when the prompt itself ends
+        // with `<think>` (the R1 generation prompt); an unclosed tag earlier
+        // in the conversation is just text.
+        let starts_in_reasoning = self.shared.think_start.is_some() && prompt.trim_end().ends_with("<think>");
         Ok(ValidRequest {
             prompt_ids,
             max_tokens,
@@ -314,22 +316,28 @@ fn send(tx: &mpsc::Sender<Event>, ev: Event) -> Result<(), Cancelled> {
     tx.blocking_send(ev).map_err(|_| Cancelled)
 }
 
-fn send_text(tx: &mpsc::Sender<Event>, text: String, reasoning: bool) -> Result<(), Cancelled> {
+fn send_text(
+    tx: &mpsc::Sender<Event>,
+    text: String,
+    reasoning: bool,
+    tokens: usize,
+) -> Result<(), Cancelled> {
     if text.is_empty() {
         return Ok(());
     }
-    let ev = if reasoning {
-        Event::Delta {
-            content: String::new(),
-            reasoning: text,
-        }
+    let (content, reasoning) = if reasoning {
+        (String::new(), text)
     } else {
-        Event::Delta {
-            content: text,
-            reasoning: String::new(),
-        }
+        (text, String::new())
     };
-    send(tx, ev)
+    send(
+        tx,
+        Event::Delta {
+            content,
+            reasoning,
+            tokens,
+        },
+    )
 }
 
 impl Worker {
@@ -391,7 +399,7 @@ impl Worker {
             };
             if let Some(to) = switch {
                 // Stop strings do not span the reasoning/answer boundary.
-                if let Err(c) = send_text(tx, stops.flush(), reasoning) {
+                if let Err(c) = send_text(tx, stops.flush(), reasoning, generated) {
                     return Ok(Err(c));
                 }
                 reasoning = to;
@@ -402,7 +410,7 @@ impl Worker {
                 .map_err(|e| EngineError::Inference(format!("cannot decode token {tok}: {e}")))?
                 .unwrap_or_default();
             let step = stops.push(&piece);
-            if let Err(c) = send_text(tx, step.emit, reasoning) {
+            if let Err(c) = send_text(tx, step.emit, reasoning, generated) {
                 return Ok(Err(c));
             }
             if step.stopped {
@@ -410,7 +418,7 @@ impl Worker {
                 break;
             }
         }
-        if let Err(c) = send_text(tx, stops.flush(), reasoning) {
+        if let Err(c) = send_text(tx, stops.flush(), reasoning, generated) {
             return Ok(Err(c));
         }
         let usage = Usage {

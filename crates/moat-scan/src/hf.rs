@@ -99,10 +99,7 @@ pub fn config_not_json(rel: &str, format: crate::sniff::Format) -> Finding {
     Finding::new(
         rule::CONFIG_JSON,
         Severity::High,
-        format!(
-            "{} holds {format} data, not JSON",
-            printable(base_name(rel))
-        ),
+        format!("{} holds {format} data, not JSON", printable(base_name(rel))),
         "",
     )
 }

@@ -120,9 +120,7 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
     match format {
         Format::Safetensors => {
             if let Err(violations) = safetensors::check_file(path) {
-                let failed = violations
-                    .iter()
-                    .any(|v| v.rule == safetensors::rule::IO_READ);
+                let failed = violations.iter().any(|v| v.rule == safetensors::rule::IO_READ);
                 findings.extend(violations.into_iter().map(|v| {
                     let severity = if v.rule == safetensors::rule::IO_READ {
                         Severity::High
@@ -213,9 +211,7 @@ impl Job {
     fn run(self) -> FileReport {
         match self {
             Job::Scan { path, rel } => scan_file(&path, &rel),
-            Job::Failed { rel, error } => {
-                io_failure(&rel, Format::Unknown, Vec::new(), "read", &error)
-            }
+            Job::Failed { rel, error } => io_failure(&rel, Format::Unknown, Vec::new(), "read", &error),
         }
     }
 }
@@ -228,11 +224,7 @@ fn walk(root: &Path, out: &mut Vec<(String, Job)>) {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(error) => {
-                let rel = if prefix.is_empty() {
-                    ".".to_owned()
-                } else {
-                    prefix
-                };
+                let rel = if prefix.is_empty() { ".".to_owned() } else { prefix };
                 out.push((rel.clone(), Job::Failed { rel, error }));
                 continue;
             }

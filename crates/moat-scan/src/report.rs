@@ -143,10 +143,7 @@ impl Report {
     pub fn from_files(files: Vec<FileReport>) -> Self {
         let summary = Summary {
             files: files.len(),
-            unsafe_files: files
-                .iter()
-                .filter(|f| f.verdict == Verdict::Unsafe)
-                .count(),
+            unsafe_files: files.iter().filter(|f| f.verdict == Verdict::Unsafe).count(),
             errors: files.iter().filter(|f| f.verdict == Verdict::Error).count(),
         };
         Report { files, summary }

@@ -129,18 +129,14 @@ pub fn check_file(path: &Path) -> Result<Header, Vec<Violation>> {
     let file_len = file.metadata().map_err(|e| io_err("stat", e))?.len();
     let mut reader = file.take(8);
     let mut prefix = Vec::with_capacity(8);
-    reader
-        .read_to_end(&mut prefix)
-        .map_err(|e| io_err("read", e))?;
+    reader.read_to_end(&mut prefix).map_err(|e| io_err("read", e))?;
     let header_len = declared_len(&prefix, file_len).map_err(|v| vec![v])?;
     // `declared_len` capped N at MAX_HEADER_LEN and at the file length, so
     // this allocation is bounded by both.
     let capacity = usize::try_from(header_len).unwrap_or(0).saturating_add(8);
     prefix.reserve_exact(capacity.saturating_sub(prefix.len()));
     let mut reader = reader.into_inner().take(header_len);
-    reader
-        .read_to_end(&mut prefix)
-        .map_err(|e| io_err("read", e))?;
+    reader.read_to_end(&mut prefix).map_err(|e| io_err("read", e))?;
     check_header(&prefix, file_len)
 }
 
@@ -251,11 +247,7 @@ fn tensor_location(name: &str) -> String {
 }
 
 /// Checks the N header bytes.
-fn check_header_bytes(
-    bytes: &[u8],
-    header_len: u64,
-    file_len: u64,
-) -> Result<Header, Vec<Violation>> {
+fn check_header_bytes(bytes: &[u8], header_len: u64, file_len: u64) -> Result<Header, Vec<Violation>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         vec![Violation::new(
             rule::HEADER_JSON,
@@ -454,10 +446,7 @@ fn check_entry(name: &str, entry: &Entry, out: &mut Violations) -> Option<Tensor
             }
         };
         if slot.is_some() {
-            structure(
-                out,
-                format!("field {} appears more than once", quote(field)),
-            );
+            structure(out, format!("field {} appears more than once", quote(field)));
             return None;
         }
         *slot = value.as_ref();
@@ -500,10 +489,7 @@ fn check_entry(name: &str, entry: &Entry, out: &mut Violations) -> Option<Tensor
             _ => {
                 structure(
                     out,
-                    format!(
-                        "data_offsets must have exactly 2 elements, found {}",
-                        v.len()
-                    ),
+                    format!("data_offsets must have exactly 2 elements, found {}", v.len()),
                 );
                 return None;
             }

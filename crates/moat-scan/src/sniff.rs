@@ -81,9 +81,7 @@ pub fn sniff_magic(head: &[u8]) -> Option<Format> {
         // PROTO opcode; protocols 2..=5 are what Python writes, 0 and 1 are
         // accepted by unpicklers too, so they are refused the same way.
         [0x80, proto, ..] if *proto <= 5 => Some(Format::Pickle),
-        [b'P', b'K', 3, 4, ..] | [b'P', b'K', 5, 6, ..] | [b'P', b'K', 7, 8, ..] => {
-            Some(Format::Zip)
-        }
+        [b'P', b'K', 3, 4, ..] | [b'P', b'K', 5, 6, ..] | [b'P', b'K', 7, 8, ..] => Some(Format::Zip),
         [0x1f, 0x8b, ..] => Some(Format::Gzip),
         [b'G', b'G', b'U', b'F', ..] => Some(Format::Gguf),
         [0x93, b'N', b'U', b'M', b'P', b'Y', ..] => Some(Format::Numpy),
@@ -127,10 +125,7 @@ pub struct Sniffed {
 /// [`MAX_CONTENT_LEN`] into memory, and streams anything bigger in chunks.
 pub fn sniff_reader<R: Read>(reader: &mut R) -> io::Result<Sniffed> {
     let mut head = Vec::with_capacity(HEAD_LEN);
-    reader
-        .by_ref()
-        .take(HEAD_LEN as u64)
-        .read_to_end(&mut head)?;
+    reader.by_ref().take(HEAD_LEN as u64).read_to_end(&mut head)?;
     if let Some(format) = sniff_magic(&head) {
         return Ok(Sniffed {
             format,
@@ -187,11 +182,8 @@ pub fn sniff_reader<R: Read>(reader: &mut R) -> io::Result<Sniffed> {
 /// First non-whitespace byte opens an object or array, and the whole input
 /// parses as JSON (without building a tree).
 fn is_json(data: &[u8]) -> bool {
-    let first = data
-        .iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
-    matches!(first, Some(b'{' | b'['))
-        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+    let first = data.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    matches!(first, Some(b'{' | b'[')) && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
 }
 
 /// Valid UTF-8 without NUL bytes.

@@ -69,10 +69,7 @@ fn clean_folder_is_clean_with_relative_sorted_paths() {
             "tokenizer_config.json",
         ]
     );
-    assert_eq!(
-        find(&report, "model.safetensors").format,
-        Format::Safetensors
-    );
+    assert_eq!(find(&report, "model.safetensors").format, Format::Safetensors);
     assert_eq!(find(&report, "config.json").format, Format::Json);
     assert_eq!(find(&report, "README.md").format, Format::Text);
     assert_eq!(report.summary.files, 7);
@@ -189,11 +186,8 @@ fn symlinks_are_findings_not_followed() {
     let outside = tempfile::tempdir().expect("tempdir");
     write(outside.path(), "secret.py", b"import os\n");
     clean_model(dir.path());
-    std::os::unix::fs::symlink(
-        outside.path().join("secret.py"),
-        dir.path().join("link.txt"),
-    )
-    .expect("symlink");
+    std::os::unix::fs::symlink(outside.path().join("secret.py"), dir.path().join("link.txt"))
+        .expect("symlink");
     std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).expect("symlink");
     let report = scan_paths(&[dir.path().to_path_buf()]);
     for name in ["link.txt", "linkdir"] {
@@ -208,8 +202,7 @@ fn symlinks_are_findings_not_followed() {
 #[test]
 fn special_files_are_refused_without_opening() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let _listener =
-        std::os::unix::net::UnixListener::bind(dir.path().join("sock")).expect("bind socket");
+    let _listener = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).expect("bind socket");
     let report = scan_paths(&[dir.path().to_path_buf()]);
     let file = find(&report, "sock");
     assert_eq!(rules(file), vec![rule::NOT_REGULAR]);

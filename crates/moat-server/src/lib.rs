@@ -117,6 +117,10 @@ async fn fallback() -> ApiError {
     ApiError::not_found()
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
 /// Layers are listed innermost first (axum wraps each `layer` around what
 /// came before); see `middleware.rs` for the order they run in.
 pub fn inference_router(state: Arc<AppState>) -> Router {
@@ -128,6 +132,7 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{model}", get(openai::get_model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
@@ -149,6 +154,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),

@@ -129,7 +129,9 @@ fn parse_body<T: for<'de> Deserialize<'de>>(
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let param = (path != ".").then_some(path);
+        // "." is the document itself and "?" an unknown position (e.g. the
+        // body ended early): neither names a parameter.
+        let param = (path != "." && path != "?").then_some(path);
         ApiError::bad_request(
             param.clone(),
             match param {
@@ -218,6 +220,7 @@ pub async fn chat_completions(
         .clone();
     ctx.set_model(engine.name());
     let valid = engine.validate(into_engine_request(&req)?)?;
+    ctx.set_tokens(valid.prompt_tokens(), 0);
     let events = engine.submit(valid)?;
     let id = format!("chatcmpl-{}", ctx.request_id);
     let created = unix_now();
@@ -243,6 +246,7 @@ async fn complete_response(
             Some(Event::Delta {
                 content: c,
                 reasoning: r,
+                ..
             }) => {
                 content.push_str(&c);
                 reasoning.push_str(&r);
@@ -308,43 +312,56 @@ fn stream_response(
             let tx = tx.clone();
             async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
         };
-        if !send(chunk(json!({"role": "assistant", "content": ""}), None)).await {
-            return;
-        }
-        while let Some(ev) = events.recv().await {
-            match ev {
-                Event::Delta { content, reasoning } => {
-                    let delta = if reasoning.is_empty() {
-                        json!({"content": content})
-                    } else {
-                        json!({"reasoning_content": reasoning})
-                    };
-                    if !send(chunk(delta, None)).await {
-                        // Client gone: dropping `events` stops the worker.
-                        return;
-                    }
-                }
-                Event::Done { finish_reason, usage } => {
-                    ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
-                    if !send(chunk(json!({}), Some(finish_reason))).await {
-                        return;
-                    }
-                    if include_usage {
-                        let mut last = chunk(json!({}), None);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage_json(usage);
-                        if !send(last).await {
-                            return;
+        // `false` when the client went away; dropping `events` then stops
+        // the worker for this request.
+        let delivered = 'stream: {
+            if !send(chunk(json!({"role": "assistant", "content": ""}), None)).await {
+                break 'stream false;
+            }
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    Event::Delta {
+                        content,
+                        reasoning,
+                        tokens,
+                    } => {
+                        ctx.set_completion_tokens(tokens);
+                        let delta = if reasoning.is_empty() {
+                            json!({"content": content})
+                        } else {
+                            json!({"reasoning_content": reasoning})
+                        };
+                        if !send(chunk(delta, None)).await {
+                            break 'stream false;
                         }
                     }
-                    break;
-                }
-                Event::Error(e) => {
-                    ctx.set_error("inference_error");
-                    let _ = send(ApiError::internal(e).body()).await;
-                    break;
+                    Event::Done { finish_reason, usage } => {
+                        ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
+                        if !send(chunk(json!({}), Some(finish_reason))).await {
+                            break 'stream false;
+                        }
+                        if include_usage {
+                            let mut last = chunk(json!({}), None);
+                            last["choices"] = json!([]);
+                            last["usage"] = usage_json(usage);
+                            if !send(last).await {
+                                break 'stream false;
+                            }
+                        }
+                        break;
+                    }
+                    Event::Error(e) => {
+                        ctx.set_error("inference_error");
+                        let _ = send(ApiError::internal(e).body()).await;
+                        break;
+                    }
                 }
             }
+            true
+        };
+        if !delivered {
+            ctx.set_error("client_disconnected");
+            return;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         // `ctx` drops here, after the last byte was handed to the body: the

@@ -107,6 +107,9 @@ impl RequestContext {
     pub fn set_error(&self, code: &str) {
         self.with(|f| f.error = Some(code.to_owned()));
     }
+    pub fn set_completion_tokens(&self, completion: usize) {
+        self.with(|f| f.completion_tokens = completion as u64);
+    }
     pub fn set_tokens(&self, prompt: usize, completion: usize) {
         self.with(|f| {
             f.prompt_tokens = prompt as u64;

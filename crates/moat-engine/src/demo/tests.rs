@@ -673,3 +673,17 @@ fn demo_write_errors_stop_the_generators() {
         .expect_err("fails");
     assert_eq!(err.to_string(), "disk full");
 }
+
+#[test]
+fn demo_r1_distill_tokenizer_fills_the_full_vocabulary() {
+    let json = tokenizer::tokenizer_json(Preset::R1DistillQwen1_5b.vocab_size()).expect("built");
+    let tok = tokenizers::Tokenizer::from_bytes(&json).expect("loads");
+    assert_eq!(tok.get_vocab_size(true), 151_936);
+    assert_eq!(tok.token_to_id("<｜end▁of▁sentence｜>"), Some(151_928));
+    assert_eq!(tok.token_to_id("<｜begin▁of▁sentence｜>"), Some(151_931));
+    assert_eq!(tok.token_to_id("<think>"), Some(151_933));
+    assert_eq!(tok.token_to_id("<｜pad｜>"), Some(151_935));
+    let text = "Same merges as tiny: 🦀 ok";
+    let ids = tok.encode(text, false).expect("encode");
+    assert_eq!(tok.decode(ids.get_ids(), false).expect("decode"), text);
+}

@@ -21,12 +21,7 @@ fn sample() -> Report {
         FileReport::new(
             "README.md",
             Format::Text,
-            vec![Finding::new(
-                "note.medium",
-                Severity::Medium,
-                "fyi",
-                "offset 8",
-            )],
+            vec![Finding::new("note.medium", Severity::Medium, "fyi", "offset 8")],
         ),
     ])
 }

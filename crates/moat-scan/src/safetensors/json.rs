@@ -194,9 +194,7 @@ impl Classify for Entry {
         let mut fields = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
             let value = match key.as_str() {
-                "dtype" | "shape" | "data_offsets" => {
-                    Some(map.next_value::<Classified<Field>>()?.0)
-                }
+                "dtype" | "shape" | "data_offsets" => Some(map.next_value::<Classified<Field>>()?.0),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     None

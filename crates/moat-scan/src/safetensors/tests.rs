@@ -132,11 +132,7 @@ fn header_too_large_from_disk_reads_only_the_prefix() {
 fn header_json_invalid_is_one_violation() {
     let v = only_violation(&build(r#"{"a":{"dtype":"#, 0));
     assert_eq!(v.rule, rule::HEADER_JSON);
-    assert!(
-        v.location.starts_with("header line 1 column"),
-        "{}",
-        v.location
-    );
+    assert!(v.location.starts_with("header line 1 column"), "{}", v.location);
 }
 
 #[test]
@@ -254,10 +250,7 @@ fn metadata_good_and_bad() {
     assert_eq!(v.rule, rule::METADATA);
     assert_eq!(v.location, "key __metadata__.a");
 
-    let not_object = format!(
-        r#"{{"__metadata__":["a"],{}}}"#,
-        tensor("t", "U8", "[1]", 0, 1)
-    );
+    let not_object = format!(r#"{{"__metadata__":["a"],{}}}"#, tensor("t", "U8", "[1]", 0, 1));
     let v = only_violation(&build(&not_object, 1));
     assert_eq!(v.rule, rule::METADATA);
     assert!(v.message.contains("found an array"));
@@ -374,10 +367,7 @@ fn size_mismatch() {
 
 #[test]
 fn size_overflow_in_shape_product_is_a_mismatch() {
-    let json = format!(
-        "{{{}}}",
-        tensor("t", "F32", "[4294967296,4294967296]", 0, 4)
-    );
+    let json = format!("{{{}}}", tensor("t", "F32", "[4294967296,4294967296]", 0, 4));
     let v = only_violation(&build(&json, 4));
     assert_eq!(v.rule, rule::SIZE_MISMATCH);
     assert!(v.message.contains("overflows"), "{}", v.message);
@@ -524,23 +514,14 @@ fn fuzz_never_panics_on_random_truncated_or_mutated_input() {
 
 #[test]
 fn fuzz_seed_corpus_is_what_its_names_say() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus/safetensors_header");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/safetensors_header");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("seed corpus exists") {
         let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
+        let name = path.file_name().expect("name").to_string_lossy().into_owned();
         let bytes = std::fs::read(&path).expect("read seed");
         fuzz(&bytes);
-        assert_eq!(
-            check(&bytes).is_ok(),
-            name.starts_with("valid"),
-            "seed {name}"
-        );
+        assert_eq!(check(&bytes).is_ok(), name.starts_with("valid"), "seed {name}");
         seen += 1;
     }
     assert!(seen >= 5, "only {seen} seeds");
