@@ -9,23 +9,9 @@
 //! sample, which keeps writing a 1.5B-parameter file I/O-bound. Its tails stop
 //! at ±3.46σ, which is harmless for random weights.
 
-/// SplitMix64: used only to expand seeds (its outputs are well mixed even for
-/// seeds 0, 1, 2, …).
-pub(crate) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+/// SplitMix64 (the sampler's, so there is one implementation): used here
+/// only to expand seeds (its outputs are well mixed even for seeds 0, 1, 2, …).
+pub(crate) use crate::sampling::SplitMix64;
 
 /// xoshiro256** (Blackman & Vigna, 2018).
 pub(crate) struct Xoshiro256 {
