@@ -749,3 +749,31 @@ def test_scoped_and_revoked_keys(client, moat_server):
         time.sleep(0.1)
     # The admin key is unaffected.
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_abandoned_plain_request_is_recorded_as_499(moat_server):
+    """A non-streamed request whose client gives up is cancelled (the worker
+    stops) and recorded as 499 `client_disconnected` with the prompt and the
+    tokens generated so far, never as a 200."""
+    seen = {r.get("request_id") for r in moat_server.records()}
+    body = json.dumps(
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0}
+    ).encode()
+    headers = {**auth(moat_server.api_key), "Content-Type": "application/json"}
+    with pytest.raises(Exception):
+        raw_request(moat_server.base_url + "/chat/completions", method="POST", body=body, headers=headers, timeout=0.5)
+    rec = moat_server.wait_for_record(
+        lambda r: r.get("request_id") not in seen and r.get("status") == 499
+    )
+    assert rec is not None, "no 499 record for the abandoned request"
+    assert rec["error"] == "client_disconnected", rec
+    assert rec["prompt_tokens"] > 0 and 0 < rec["completion_tokens"] < 3000, rec
+    # The engine is free again at once: a short request completes quickly.
+    t0 = time.monotonic()
+    r = raw_request(
+        moat_server.base_url + "/chat/completions",
+        method="POST",
+        body=json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 4}).encode(),
+        headers=headers,
+    )
+    assert r.status == 200 and time.monotonic() - t0 < 5

@@ -232,7 +232,21 @@ fn copy_hashed(src: &Path, dst_root: &Path, rel: &str) -> Result<FileDigest, Pul
             .create(parent)
             .map_err(io_err(parent))?;
     }
-    let input = fs::File::open(src).map_err(io_err(src))?;
+    // The walk saw a regular file, but the source may change under us: open
+    // without following a symlink swapped in since, and re-check the type of
+    // what was actually opened.
+    let input = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(src)
+        .map_err(io_err(src))?;
+    if !input.metadata().map_err(io_err(src))?.is_file() {
+        return Err(PullError::Refused(vec![Refusal {
+            file: rel.to_owned(),
+            rule: "fs.special-file".into(),
+            message: "changed into something other than a regular file during the pull".into(),
+        }]));
+    }
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

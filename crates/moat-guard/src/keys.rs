@@ -196,7 +196,12 @@ impl KeyStore {
     /// Read-modify-write under an exclusive advisory lock.
     fn update<T>(&self, f: impl FnOnce(&mut Vec<KeyRecord>) -> Result<T, KeyError>) -> Result<T, KeyError> {
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(self.io())?;
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(self.io())?;
         }
         let lock_path = self.path.with_extension("lock");
         let lock = fs::OpenOptions::new()

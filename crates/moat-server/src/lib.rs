@@ -67,8 +67,10 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     for name in &config.models {
         let dir = store.model_dir(name);
         let started = std::time::Instant::now();
-        let result = moat_artifact::verify::load_verified(&dir)
-            .map_err(|e| format!("verification failed: {e}"))
+        let result = rescan(&dir)
+            .and_then(|()| {
+                moat_artifact::verify::load_verified(&dir).map_err(|e| format!("verification failed: {e}"))
+            })
             .and_then(|m| Engine::start(m, config.engine.clone()).map_err(|e| e.to_string()));
         match result {
             Ok(engine) => {
@@ -82,6 +84,21 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
         }
     }
     Ok(LoadedModels { engines, refused })
+}
+
+/// Scan a stored model again before loading: the lock proves the bytes are
+/// the ones pulled, and this applies the rules of the running version (which
+/// may be stricter than those of the version that pulled). Safetensors
+/// checks read headers only, so this costs little.
+fn rescan(dir: &std::path::Path) -> Result<(), String> {
+    let report = moat_scan::scan_paths(&[dir.join(moat_artifact::store::FILES_DIR)]);
+    match report.first_unsafe().or_else(|| report.first_error()) {
+        None => Ok(()),
+        Some((file, finding)) => Err(format!(
+            "scan refused {}: {}: {}",
+            file.path, finding.rule, finding.message
+        )),
+    }
 }
 
 async fn health() -> impl IntoResponse {

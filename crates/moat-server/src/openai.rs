@@ -220,8 +220,10 @@ pub async fn chat_completions(
         .clone();
     ctx.set_model(engine.name());
     let valid = engine.validate(into_engine_request(&req)?)?;
-    ctx.set_tokens(valid.prompt_tokens(), 0);
+    let prompt_tokens = valid.prompt_tokens();
     let events = engine.submit(valid)?;
+    // Admitted: the prompt will be processed even if the client leaves.
+    ctx.set_tokens(prompt_tokens, 0);
     let id = format!("chatcmpl-{}", ctx.request_id);
     let created = unix_now();
     if req.stream == Some(true) {
@@ -246,8 +248,9 @@ async fn complete_response(
             Some(Event::Delta {
                 content: c,
                 reasoning: r,
-                ..
+                tokens,
             }) => {
+                ctx.set_completion_tokens(tokens);
                 content.push_str(&c);
                 reasoning.push_str(&r);
             }

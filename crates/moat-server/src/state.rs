@@ -121,10 +121,16 @@ impl RequestContext {
 impl Drop for RequestContext {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        let f = std::mem::take(match self.fields.get_mut() {
+        let mut f = std::mem::take(match self.fields.get_mut() {
             Ok(f) => f,
             Err(poison) => poison.into_inner(),
         });
+        if f.status == 0 {
+            // The handler was dropped before it answered: the client closed
+            // the connection. 499 as in nginx's logs, so it is never a 200.
+            f.status = 499;
+            f.error.get_or_insert_with(|| "client_disconnected".to_owned());
+        }
         let m = &self.state.metrics;
         let labels = RouteLabels {
             route: f.route.clone(),

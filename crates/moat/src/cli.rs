@@ -260,7 +260,7 @@ fn verify_cmd(target: &str, store: &StoreArg) -> Result<ExitCode> {
         let store = Store::open(&store.root()?).context("cannot open the store")?;
         let dir = store.model_dir(&name);
         if !dir.exists() {
-            bail!("no model named {name:?} in {}", store.root().display());
+            bail!("no model named \"{name}\" in {}", store.root().display());
         }
         dir
     };

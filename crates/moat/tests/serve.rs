@@ -176,3 +176,39 @@ fn config_check_names_the_bad_key() {
     std::fs::write(&path, "home = \"/tmp/x\"\n[[models]]\nname = \"a\"\n").unwrap();
     assert_eq!(code(&run(&["serve", "--config", &path_str(&path), "--check"])), 0);
 }
+
+#[test]
+fn serve_rescans_on_load() {
+    // A stored model whose lock matches its files but which breaks the
+    // current rules (as if pulled by an older, laxer moat): verify passes,
+    // serve refuses it by name and rule and serves the other model.
+    let (t, store) = two_models();
+    let files = store.join("models/a/files");
+    let evil = b"import os\nos.system('id')\n";
+    std::fs::write(files.join("modeling_evil.py"), evil).unwrap();
+    let lock_path = store.join("models/a/moat.lock");
+    let mut lock = std::fs::read_to_string(&lock_path).unwrap();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(evil))
+    };
+    lock.push_str(&format!(
+        "\n[[file]]\npath = \"modeling_evil.py\"\nsize = {}\nsha256 = \"{digest}\"\n",
+        evil.len()
+    ));
+    std::fs::write(&lock_path, lock).unwrap();
+    assert_eq!(code(&run(&["verify", "a", "--store", &path_str(&store)])), 0);
+
+    let (_, key) = create_key(&store, "admin", None);
+    let server = Server::start(t.path(), &config(&store, &["a", "b"]));
+    let log = server.log_text();
+    let refusal = log.lines().find(|l| l.contains("refusing model")).expect(&log);
+    assert!(
+        refusal.contains("model=a") && refusal.contains("modeling_evil.py"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("hf.python-file"), "{refusal}");
+    assert_eq!(chat(&server.base, &key, "a", json!({})).0, 404);
+    assert_eq!(chat(&server.base, &key, "b", json!({})).0, 200);
+    assert_eq!(server.stop(), 0);
+}
