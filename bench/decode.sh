@@ -3,11 +3,14 @@
 # real server and the official openai SDK (streaming), on demo models.
 #   bench/decode.sh [tiny|r1-distill-qwen-1.5b ...]   (default: both)
 # Env: RUNS (default 5), MAX_TOKENS (default 64 tiny / 32 1.5B), BENCH_WORK.
-# Needs python3 with the `openai` package (scripts/test.sh installs one
-# under ~/.cache/moat/venv, used when present).
+# Uses the venv of scripts/test.sh (~/.cache/moat/venv, created here with
+# the `openai` SDK if missing), or $PYTHON.
 source "$(dirname "$0")/common.sh"
-PY="${PYTHON:-$HOME/.cache/moat/venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+VENV="${MOAT_TEST_VENV:-$HOME/.cache/moat/venv}"
+if [ -z "${PYTHON:-}" ] && [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" && "$VENV/bin/python" -m pip install -q -r "$ROOT/scripts/requirements-test.txt"
+fi
+PY="${PYTHON:-$VENV/bin/python}"
 presets=("$@"); [ ${#presets[@]} -gt 0 ] || presets=(tiny r1-distill-qwen-1.5b)
 build_release
 store="$WORK/store"
