@@ -613,31 +613,6 @@ fn demo_sharded_layout_is_written_with_an_index() {
 }
 
 #[test]
-#[ignore = "writes 3.6 GB; run by hand: cargo test -p moat-engine demo_r1_distill_full -- --ignored --nocapture"]
-fn demo_r1_distill_full() {
-    let base = std::env::var_os("MOAT_DEMO_DIR").map_or_else(std::env::temp_dir, Into::into);
-    let dir = tempfile::tempdir_in(base).expect("tempdir");
-    let out = dir.path().join("r1");
-    let start = std::time::Instant::now();
-    let summary = write_demo_model(
-        &out,
-        &DemoOptions {
-            seed: 0,
-            preset: Preset::R1DistillQwen1_5b,
-            dtype: None,
-        },
-    )
-    .expect("written");
-    eprintln!("1.5B bf16 written in {:?}: {:?}", start.elapsed(), summary.files);
-    let index: serde_json::Value =
-        serde_json::from_slice(&read(&out, "model.safetensors.index.json")).expect("index");
-    assert_eq!(index["metadata"]["total_size"], 1_777_088_000u64 * 2);
-    let tok = tokenizers::Tokenizer::from_bytes(read(&out, "tokenizer.json")).expect("tokenizer");
-    assert_eq!(tok.get_vocab_size(true), 151_936);
-    assert_eq!(tok.token_to_id("<｜begin▁of▁sentence｜>"), Some(151_931));
-}
-
-#[test]
 fn demo_weights_do_not_depend_on_the_thread_count() {
     let arch = Architecture::for_preset(Preset::Tiny);
     let specs = tensor_specs(&arch);
