@@ -138,7 +138,7 @@ impl VerifiedModel {
 }
 
 /// Compare the file set on disk with the lock: missing, extra and
-/// non-regular entries. Returns the lock's files that exist, in lock order.
+/// non-regular entries, as mismatches (empty when the sets agree).
 fn check_file_set(dir: &Path, lock: &Lock) -> Result<Vec<Mismatch>, VerifyError> {
     let files_dir = dir.join(FILES_DIR);
     let on_disk = walk(&files_dir, &[]).map_err(|source| VerifyError::Io {

@@ -235,16 +235,13 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
     };
     let inference = listen("inference", config.inference_listen).await?;
     let metrics = listen("metrics", config.metrics_listen).await?;
-    let addr = |l: &tokio::net::TcpListener, plane| {
-        l.local_addr().map_err(|source| ServerError::Bind {
-            plane,
-            addr: config.inference_listen,
-            source,
-        })
+    let local = |l: &tokio::net::TcpListener, plane, addr| {
+        l.local_addr()
+            .map_err(|source| ServerError::Bind { plane, addr, source })
     };
     Ok(Bound {
-        inference_addr: addr(&inference, "inference")?,
-        metrics_addr: addr(&metrics, "metrics")?,
+        inference_addr: local(&inference, "inference", config.inference_listen)?,
+        metrics_addr: local(&metrics, "metrics", config.metrics_listen)?,
         inference,
         metrics,
     })
