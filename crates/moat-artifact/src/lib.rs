@@ -9,7 +9,9 @@
 pub mod hash;
 pub mod lock;
 pub mod name;
+pub mod policy;
 pub mod pull;
+pub mod signing;
 pub mod source;
 pub mod store;
 pub mod tree;

@@ -21,8 +21,22 @@ pub struct Lock {
     /// The resolved, immutable revision (a commit for hubs; for local
     /// folders a digest of the file list, see [`Lock::content_revision`]).
     pub revision: String,
+    /// The verified signer, when the model was pulled under a signature
+    /// policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<LockSignature>,
     #[serde(rename = "file", default)]
     pub files: Vec<LockedFile>,
+}
+
+/// Who signed the model, as verified at pull time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockSignature {
+    /// Model-relative path of the OpenSSF model-signing bundle.
+    pub file: String,
+    /// The verified signer (`key sha256:…` or `certificate "…" issued by "…"`).
+    pub signer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +65,7 @@ impl Lock {
             name: name.to_owned(),
             source: source.to_owned(),
             revision: revision.to_owned(),
+            signature: None,
             files,
         }
     }

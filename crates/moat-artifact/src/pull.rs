@@ -7,8 +7,10 @@
 //! the quarantine folder and leaves the store untouched.
 
 use crate::hash::{FileDigest, hash_stream, par_map};
+use crate::lock::LockSignature;
 use crate::lock::{LOCK_FILE, Lock, LockedFile, check_rel_path};
 use crate::name::{InvalidName, ModelName};
+use crate::policy::SignaturePolicy;
 use crate::source::{Source, SourceError};
 use crate::store::{FILES_DIR, Promoted, Store, fsync_dir, remove_tree};
 use crate::tree::{EntryKind, walk};
@@ -27,6 +29,8 @@ pub struct PullRequest {
     pub revision: Option<String>,
     /// Replace an existing model of the same name (atomically).
     pub replace: bool,
+    /// Who must have signed the model; `None` accepts unsigned models.
+    pub signature: Option<SignaturePolicy>,
 }
 
 #[derive(Debug)]
@@ -157,6 +161,33 @@ pub fn pull(store: &Store, req: &PullRequest) -> Result<PullOutcome, PullError> 
     }
     sync_tree_dirs(&files_dir).map_err(io_err(&files_dir))?;
 
+    // Signature: checked against the digests just computed (no second read).
+    let signed_by = match &req.signature {
+        None => None,
+        Some(policy) => {
+            let bundle = match locked.iter().any(|f| f.path == policy.file) {
+                true => {
+                    let path = files_dir.join(&policy.file);
+                    Some(fs::read(&path).map_err(io_err(&path))?)
+                }
+                false => None,
+            };
+            match policy.check(bundle.as_deref(), &locked) {
+                Ok(v) => Some(LockSignature {
+                    file: policy.file.clone(),
+                    signer: v.signer.to_string(),
+                }),
+                Err(e) => {
+                    return Err(PullError::Refused(vec![Refusal {
+                        file: policy.file.clone(),
+                        rule: e.rule().into(),
+                        message: e.to_string(),
+                    }]));
+                }
+            }
+        }
+    };
+
     // Scan exactly the bytes that would be stored.
     let report = moat_scan::scan_paths(std::slice::from_ref(&files_dir));
     let refusals: Vec<Refusal> = report
@@ -180,10 +211,14 @@ pub fn pull(store: &Store, req: &PullRequest) -> Result<PullOutcome, PullError> 
     }
 
     let revision = Lock::content_revision(&locked);
-    let lock = Lock::new(name.as_str(), &source.url(), &revision, locked);
+    let mut lock = Lock::new(name.as_str(), &source.url(), &revision, locked);
+    lock.signature = signed_by;
     let target = store.model_dir(&name);
     if let Ok(existing) = Lock::read(&target.join(LOCK_FILE)) {
-        if existing.revision == lock.revision && existing.files == lock.files {
+        if existing.revision == lock.revision
+            && existing.files == lock.files
+            && existing.signature == lock.signature
+        {
             return Ok(PullOutcome::AlreadyPresent {
                 lock: existing,
                 dir: target,

@@ -29,6 +29,7 @@ fn engine(edit: impl FnOnce(&mut serde_json::Value), opts: EngineOptions) -> (te
         name: "m".into(),
         revision: None,
         replace: false,
+        signature: None,
     };
     pull(&store, &req).unwrap();
     let model = load_verified(&store.root().join("models/m")).unwrap();

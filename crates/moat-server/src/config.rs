@@ -5,10 +5,12 @@
 //! `docs/config.md`.
 
 use moat_artifact::name::ModelName;
+use moat_artifact::policy::{PolicyError, SignaturePolicy};
 use moat_engine::generate::EngineOptions;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Routes that may be configured public. Everything else always requires a key.
 pub const PUBLIC_ROUTE_CHOICES: &[&str] = &["/health", "/ready"];
@@ -63,6 +65,56 @@ pub struct RawEngine {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
+    pub signature: Option<RawSignature>,
+}
+
+/// `[models.signature]`: who must have signed the model.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSignature {
+    pub public_key: Option<PathBuf>,
+    #[serde(default)]
+    pub certificate_chain: Vec<PathBuf>,
+    pub identity: Option<String>,
+    pub issuer: Option<String>,
+    pub file: Option<String>,
+}
+
+impl RawSignature {
+    /// Load the key or certificates; errors name the key under `prefix`.
+    pub fn into_policy(self, prefix: &str) -> Result<SignaturePolicy, ConfigError> {
+        SignaturePolicy::from_files(
+            self.public_key.as_deref(),
+            &self.certificate_chain,
+            self.identity,
+            self.issuer,
+            self.file,
+        )
+        .map_err(|e| {
+            let key = match &e {
+                PolicyError::Io { path, .. } | PolicyError::Invalid { path, .. }
+                    if self.public_key.as_deref() == Some(path.as_path()) =>
+                {
+                    "public_key"
+                }
+                PolicyError::Io { .. } | PolicyError::Invalid { .. } => "certificate_chain",
+                PolicyError::Config(_) => "",
+            };
+            let full = if key.is_empty() {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            invalid(full, e.to_string())
+        })
+    }
+}
+
+/// A served model and the signer it must have.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: ModelName,
+    pub signature: Option<Arc<SignaturePolicy>>,
 }
 
 /// Where request records go.
@@ -84,7 +136,7 @@ pub struct Config {
     pub metrics_public: bool,
     pub request_log: RequestLogTarget,
     pub engine: EngineOptions,
-    pub models: Vec<ModelName>,
+    pub models: Vec<ModelConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,17 +255,21 @@ impl RawConfig {
                 "must be at least 1 and at most engine.max_context",
             ));
         }
-        let mut models = Vec::new();
-        for (i, m) in self.models.iter().enumerate() {
+        let mut models: Vec<ModelConfig> = Vec::new();
+        for (i, m) in self.models.into_iter().enumerate() {
             let name =
                 ModelName::parse(&m.name).map_err(|e| invalid(format!("models[{i}].name"), e.to_string()))?;
-            if models.contains(&name) {
+            if models.iter().any(|c| c.name == name) {
                 return Err(invalid(
                     format!("models[{i}].name"),
-                    format!("{name:?} is listed twice"),
+                    format!("\"{name}\" is listed twice"),
                 ));
             }
-            models.push(name);
+            let signature = match m.signature {
+                None => None,
+                Some(raw) => Some(Arc::new(raw.into_policy(&format!("models[{i}].signature"))?)),
+            };
+            models.push(ModelConfig { name, signature });
         }
         if models.is_empty() {
             return Err(invalid(

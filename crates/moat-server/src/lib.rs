@@ -64,17 +64,35 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     })?;
     let mut engines = Vec::new();
     let mut refused = Vec::new();
-    for name in &config.models {
+    for model in &config.models {
+        let name = &model.name;
         let dir = store.model_dir(name);
         let started = std::time::Instant::now();
         let result = rescan(&dir)
             .and_then(|()| {
                 moat_artifact::verify::load_verified(&dir).map_err(|e| format!("verification failed: {e}"))
             })
+            .and_then(|m| match &model.signature {
+                None => Ok(m),
+                // The lock's digests were just checked against the bytes, so
+                // the signature is checked against them without re-hashing.
+                Some(policy) => policy
+                    .check(m.file(&policy.file), &m.lock().files)
+                    .map(|v| {
+                        tracing::info!(model = %name, signer = %v.signer, "signature verified");
+                        m
+                    })
+                    .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule())),
+            })
             .and_then(|m| Engine::start(m, config.engine.clone()).map_err(|e| e.to_string()));
         match result {
             Ok(engine) => {
-                tracing::info!(model = %name, revision = engine.revision(), elapsed_ms = started.elapsed().as_millis() as u64, "model verified and loaded");
+                tracing::info!(
+                    model = %name,
+                    revision = engine.revision(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "model verified and loaded"
+                );
                 engines.push(engine);
             }
             Err(reason) => {

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use moat_artifact::policy::SignaturePolicy;
 use moat_artifact::pull::{PullOutcome, PullRequest, pull};
 use moat_artifact::{Store, verify};
 use moat_engine::demo::{DemoOptions, Preset, WeightDtype, write_demo_model};
@@ -51,6 +52,8 @@ enum Command {
         #[arg(long)]
         replace: bool,
         #[command(flatten)]
+        signature: PullSignatureArgs,
+        #[command(flatten)]
         store: StoreArg,
     },
     /// Re-hash a stored model (NAME) or a model folder (PATH) against its lock.
@@ -75,6 +78,16 @@ enum Command {
         keys_file: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArg,
+    },
+    /// Sign a model (OpenSSF model signing; compatible with `model_signing`).
+    Sign {
+        #[command(subcommand)]
+        cmd: crate::signing_cmd::SignCommand,
+    },
+    /// Check a model against an OpenSSF model signature (0 valid, 1 invalid).
+    VerifySignature {
+        #[command(subcommand)]
+        cmd: crate::signing_cmd::VerifySignatureCommand,
     },
     /// Write a random-weight Qwen2 model in Hugging Face layout.
     DemoModel {
@@ -112,6 +125,66 @@ pub struct ServeArgs {
     pub seed: u64,
 }
 
+/// Who must have signed a pulled model: from `--config` (the model's
+/// `[models.signature]`) or from these flags, which take precedence.
+#[derive(Args)]
+pub struct PullSignatureArgs {
+    /// Config file whose `[[models]]` entry of the same name gives the
+    /// signature policy.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Require a signature by this EC public key (PEM).
+    #[arg(long, value_name = "PEM", conflicts_with = "certificate_chain")]
+    pub public_key: Option<PathBuf>,
+    /// Require a certificate signature chaining to these certificates (PEM).
+    #[arg(long, value_name = "PEM", num_args = 1..)]
+    pub certificate_chain: Vec<PathBuf>,
+    /// Certificate signatures: required identity (a SAN such as
+    /// `email:release@vendor.example`, or the subject).
+    #[arg(long, requires = "certificate_chain")]
+    pub certificate_identity: Option<String>,
+    /// Certificate signatures: required issuer (RFC 4514 name).
+    #[arg(long, requires = "certificate_chain")]
+    pub certificate_issuer: Option<String>,
+    /// Model-relative path of the signature (default model.sig).
+    #[arg(long, value_name = "PATH")]
+    pub signature_file: Option<String>,
+}
+
+impl PullSignatureArgs {
+    fn policy(self, name: &str) -> Result<Option<SignaturePolicy>> {
+        if self.public_key.is_some() || !self.certificate_chain.is_empty() {
+            let policy = SignaturePolicy::from_files(
+                self.public_key.as_deref(),
+                &self.certificate_chain,
+                self.certificate_identity,
+                self.certificate_issuer,
+                self.signature_file,
+            )?;
+            return Ok(Some(policy));
+        }
+        if self.certificate_identity.is_some()
+            || self.certificate_issuer.is_some()
+            || self.signature_file.is_some()
+        {
+            bail!(
+                "--certificate-identity, --certificate-issuer and --signature-file need --public-key or --certificate-chain"
+            );
+        }
+        let Some(path) = self.config else { return Ok(None) };
+        let raw = RawConfig::read(&path)?;
+        for (i, m) in raw.models.into_iter().enumerate() {
+            if m.name == name {
+                return match m.signature {
+                    Some(sig) => Ok(Some(sig.into_policy(&format!("models[{i}].signature"))?)),
+                    None => Ok(None),
+                };
+            }
+        }
+        Ok(None)
+    }
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key; the key is printed once and only its hash is stored.
@@ -139,14 +212,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             name,
             revision,
             replace,
+            signature,
             store,
         } => {
+            let signature = signature.policy(&name)?;
+            if let Some(p) = &signature {
+                eprintln!("moat: requiring a signature by {} in {}", p.describe(), p.file);
+            }
             let store = Store::open(&store.root()?).context("cannot open the store")?;
             let req = PullRequest {
                 source,
                 name,
                 revision,
                 replace,
+                signature,
             };
             Ok(report_pull(pull(&store, &req)))
         }
@@ -180,6 +259,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             keys(cmd, &KeyStore::new(path))
         }
+        Command::Sign { cmd } => crate::signing_cmd::sign(cmd),
+        Command::VerifySignature { cmd } => crate::signing_cmd::verify(cmd),
         Command::DemoModel {
             dir,
             seed,

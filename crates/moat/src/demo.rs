@@ -36,6 +36,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
         name: DEMO_MODEL.into(),
         revision: None,
         replace: false,
+        signature: None,
     };
     let lock = match pull(&store, &req)? {
         PullOutcome::Promoted { lock, .. } | PullOutcome::AlreadyPresent { lock, .. } => lock,
@@ -45,6 +46,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
         home: Some(home.clone()),
         models: vec![RawModel {
             name: DEMO_MODEL.into(),
+            signature: None,
         }],
         ..RawConfig::default()
     };

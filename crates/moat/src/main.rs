@@ -4,6 +4,7 @@
 
 mod cli;
 mod demo;
+mod signing_cmd;
 
 use clap::Parser;
 use std::io::IsTerminal;
