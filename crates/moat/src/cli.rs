@@ -52,13 +52,15 @@ enum Command {
         #[arg(long)]
         replace: bool,
         #[command(flatten)]
-        signature: PullSignatureArgs,
+        signature: SignaturePolicyArgs,
         #[command(flatten)]
         store: StoreArg,
     },
     /// Re-hash a stored model (NAME) or a model folder (PATH) against its lock.
     Verify {
         target: String,
+        #[command(flatten)]
+        signature: SignaturePolicyArgs,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -125,10 +127,10 @@ pub struct ServeArgs {
     pub seed: u64,
 }
 
-/// Who must have signed a pulled model: from `--config` (the model's
-/// `[models.signature]`) or from these flags, which take precedence.
+/// Who must have signed a model (pull, verify): from `--config` (the
+/// model's `[models.signature]`) or from these flags, which take precedence.
 #[derive(Args)]
-pub struct PullSignatureArgs {
+pub struct SignaturePolicyArgs {
     /// Config file whose `[[models]]` entry of the same name gives the
     /// signature policy.
     #[arg(long, value_name = "FILE")]
@@ -151,7 +153,7 @@ pub struct PullSignatureArgs {
     pub signature_file: Option<String>,
 }
 
-impl PullSignatureArgs {
+impl SignaturePolicyArgs {
     fn policy(self, name: &str) -> Result<Option<SignaturePolicy>> {
         if self.public_key.is_some() || !self.certificate_chain.is_empty() {
             let policy = SignaturePolicy::from_files(
@@ -229,7 +231,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             Ok(report_pull(pull(&store, &req)))
         }
-        Command::Verify { target, store } => verify_cmd(&target, &store),
+        Command::Verify {
+            target,
+            signature,
+            store,
+        } => verify_cmd(&target, signature, &store),
         Command::Scan { paths, format } => {
             let report = moat_scan::scan_paths(&paths);
             print!(
@@ -333,7 +339,7 @@ fn report_pull(result: Result<PullOutcome, moat_artifact::PullError>) -> ExitCod
     }
 }
 
-fn verify_cmd(target: &str, store: &StoreArg) -> Result<ExitCode> {
+fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) -> Result<ExitCode> {
     let dir = if target.contains('/') || Path::new(target).is_dir() {
         PathBuf::from(target)
     } else {
@@ -357,7 +363,30 @@ fn verify_cmd(target: &str, store: &StoreArg) -> Result<ExitCode> {
                 lock.revision,
                 bytes as f64 / 1e6 / secs.max(1e-9)
             );
-            Ok(ExitCode::SUCCESS)
+            let Some(policy) = signature.policy(&lock.name)? else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            // Only a signature file the lock lists (and so just verified) counts.
+            let bundle = match lock.file(&policy.file) {
+                Some(_) => Some(std::fs::read(
+                    dir.join(moat_artifact::store::FILES_DIR).join(&policy.file),
+                )?),
+                None => None,
+            };
+            match policy.check(bundle.as_deref(), &lock.files) {
+                Ok(v) => {
+                    println!("ok: signed by {} ({} files covered)", v.signer, v.file_count());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "moat: signature policy ({}): {}: {e}",
+                        policy.describe(),
+                        e.rule()
+                    );
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Err(verify::VerifyError::Mismatch { mismatches, .. }) => {
             for m in &mismatches {

@@ -196,3 +196,38 @@ fn bad_policy_config_names_the_key() {
     assert_eq!(code(&o), 2);
     assert!(stderr(&o).contains("models[0].signature"), "{}", stderr(&o));
 }
+
+#[test]
+fn verify_checks_the_signature_policy_too() {
+    let t = tmp();
+    let store = t.path().join("store");
+    let src = t.path().join("m");
+    demo_model(&src, 1);
+    sign(&src, "p256.key");
+    pull_ok(&src, "m", &store);
+    let s = path_str(&store);
+    let o = run(&[
+        "verify",
+        "m",
+        "--store",
+        &s,
+        "--public-key",
+        &path_str(&fixture("p256.pub")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("signed by key sha256:"), "{}", stdout(&o));
+    let o = run(&[
+        "verify",
+        "m",
+        "--store",
+        &s,
+        "--public-key",
+        &path_str(&fixture("p521.pub")),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("signature.invalid") && stderr(&o).contains("wrong key"),
+        "{}",
+        stderr(&o)
+    );
+}
