@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of moat, after installing what the tests need:
-#   - a Python virtual environment with the official `openai` SDK and pytest
-#     (for the end-to-end tests against `moat serve --demo`);
+#   - a Python virtual environment with the official `openai` SDK, pytest and
+#     `model-signing` (the reference signer for the interop tests)
+#     (for the end-to-end tests against `moat serve --demo` and tests/signing);
 #   - nothing else: all other tests are Rust tests that start the real
 #     `moat` binary on loopback.
 # The cargo target directory is cached outside the clone so later runs on
@@ -36,8 +37,8 @@ step "rust tests (unit + integration against the real binary)"
 cargo build --workspace --locked
 cargo test --workspace --locked
 
-step "end to end with the official openai SDK"
-MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q tests/e2e
+step "end to end: the official openai SDK, and signing interop with model_signing"
+MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e tests/signing
 
 step "fuzz smoke"
 if cargo fuzz --version >/dev/null 2>&1 && rustup toolchain list 2>/dev/null | grep -q nightly; then
