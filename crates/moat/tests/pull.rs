@@ -143,15 +143,7 @@ fn existing_name_needs_replace_and_same_content_is_a_no_op() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("--replace"));
     assert_eq!(snapshot(&store), before);
-    let o = run(&[
-        "pull",
-        &format!("file://{}", other.display()),
-        "--name",
-        "existing",
-        "--store",
-        store.to_str().unwrap(),
-        "--replace",
-    ]);
+    let o = pull_with(&other, "existing", &store, &["--replace"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(
         code(&run(&["verify", "existing", "--store", store.to_str().unwrap()])),

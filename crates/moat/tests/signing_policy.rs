@@ -26,16 +26,12 @@ fn sign(dir: &Path, key: &str) {
 }
 
 fn pull_with_key(src: &Path, name: &str, store: &Path) -> std::process::Output {
-    run(&[
-        "pull",
-        &format!("file://{}", src.display()),
-        "--name",
+    pull_with(
+        src,
         name,
-        "--store",
-        &path_str(store),
-        "--public-key",
-        &path_str(&fixture("p256.pub")),
-    ])
+        store,
+        &["--public-key", &path_str(&fixture("p256.pub"))],
+    )
 }
 
 fn assert_refused(o: &std::process::Output, rule: &str, words: &[&str]) {

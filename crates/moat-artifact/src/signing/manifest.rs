@@ -144,6 +144,21 @@ pub(crate) fn parse_resource_name(name: &str, method: Method) -> Result<Resource
 pub(crate) struct IgnoreSet(Vec<Vec<String>>);
 
 impl IgnoreSet {
+    /// The caller's paths, plus the git paths when asked (the default of
+    /// both signing and verifying).
+    pub fn with(paths: &[String], git: bool) -> Self {
+        let mut set = Self::default();
+        for p in paths {
+            set.add(p);
+        }
+        if git {
+            for g in GIT_PATHS {
+                set.add(g);
+            }
+        }
+        set
+    }
+
     /// Add a model-relative path. Paths that leave the model folder (or are
     /// absolute) cannot name anything inside it and are dropped, as the tool
     /// drops them.

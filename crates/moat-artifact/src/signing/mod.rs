@@ -228,15 +228,7 @@ impl SignedManifest {
     }
 
     fn ignore_set(&self, opts: &VerifyOptions) -> IgnoreSet {
-        let mut ignore = IgnoreSet::default();
-        for p in &opts.ignore_paths {
-            ignore.add(p);
-        }
-        if opts.ignore_git_paths {
-            for g in GIT_PATHS {
-                ignore.add(g);
-            }
-        }
+        let mut ignore = IgnoreSet::with(&opts.ignore_paths, opts.ignore_git_paths);
         for p in &self.statement.serialization.ignore_paths {
             ignore.add(p);
         }
@@ -353,15 +345,7 @@ fn sign_with(
     material: Material,
     opts: &SignOptions,
 ) -> Result<Vec<u8>, SignError> {
-    let mut ignore = IgnoreSet::default();
-    for p in &opts.ignore_paths {
-        ignore.add(p);
-    }
-    if opts.ignore_git_paths {
-        for g in GIT_PATHS {
-            ignore.add(g);
-        }
-    }
+    let ignore = IgnoreSet::with(&opts.ignore_paths, opts.ignore_git_paths);
     if let Method::Shards { shard_size: 0 } = opts.method {
         return Err(SignError::Encode("the shard size must be positive".to_owned()));
     }

@@ -45,14 +45,22 @@ pub fn demo_model(dir: &Path, seed: u64) {
 
 /// `moat pull file://SRC --name NAME --store STORE`.
 pub fn pull(src: &Path, name: &str, store: &Path) -> Output {
-    run(&[
+    pull_with(src, name, store, &[])
+}
+
+/// `moat pull file://SRC --name NAME --store STORE EXTRA...`.
+pub fn pull_with(src: &Path, name: &str, store: &Path, extra: &[&str]) -> Output {
+    let source = format!("file://{}", src.display());
+    let mut args = vec![
         "pull",
-        &format!("file://{}", src.display()),
+        &source,
         "--name",
         name,
         "--store",
         store.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
 }
 
 pub fn pull_ok(src: &Path, name: &str, store: &Path) {
