@@ -397,7 +397,9 @@ mod tests {
         assert!(p.may_use_model("demo"));
         assert!(!p.may_use_model("other"));
 
-        let wrong = format!("Bearer {}0", &k.secret[..k.secret.len() - 1]);
+        // Change the last hex digit (to one it is not).
+        let last = if k.secret.ends_with('0') { '1' } else { '0' };
+        let wrong = format!("Bearer {}{last}", &k.secret[..k.secret.len() - 1]);
         assert_eq!(
             ring.authenticate(Some(&wrong), now_unix()),
             Err(AuthError::Invalid)
