@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of moat, after installing what the tests need:
-#   - a Python virtual environment with the official `openai` SDK, pytest and
-#     `model-signing` (the reference signer for the interop tests)
-#     (for the end-to-end tests against `moat serve --demo` and tests/signing);
+#   - a Python virtual environment with the official `openai` SDK, pytest,
+#     `model-signing` (the reference signer for tests/signing) and moto
+#     (a real KMS API on loopback for the encryption tests);
 #   - nothing else: all other tests are Rust tests that start the real
 #     `moat` binary on loopback.
 # The cargo target directory is cached outside the clone so later runs on
@@ -34,6 +34,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "rust tests (unit + integration against the real binary)"
+# The KMS tests start moto's server (a real KMS API) on a loopback port.
+export MOAT_MOTO_SERVER="$VENV/bin/moto_server"
 cargo build --workspace --locked
 cargo test --workspace --locked
 

@@ -6,6 +6,7 @@
 //! [`verify::load_verified`], which hashes the very bytes it hands out, so
 //! nothing changed on disk after the check can reach the engine.
 
+pub mod crypto;
 pub mod hash;
 pub mod lock;
 pub mod name;

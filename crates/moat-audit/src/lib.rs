@@ -1,187 +1,32 @@
-//! Request records: one JSON line per request (request id, key id, model,
-//! status, token counts, latency), written to stdout, stderr or a file for a
-//! log shipper to pick up. A write that fails is never dropped silently: it
-//! is counted ([`RequestLog::failures`]) and reported on stderr.
+//! moat's audit trail: who did what, provably unedited.
 //!
-//! The hash chain, HMAC and fail-closed group commit build on this record
-//! type in a later step; the fields here are the ones every record keeps.
+//! - [`AuditLog`] chains [`AuditRecord`]s (each carries the hash of the one
+//!   before it and an HMAC under a versioned [`AuditKeys`] key), writes them
+//!   as JSON lines to a [`FileSink`] (size-rotated) and/or stdout, and makes
+//!   them durable with group commit, so that a fail-closed server can wait
+//!   for its record on every request. See `log.rs` for the failure rules.
+//! - [`verify`] checks a set of files and names the first bad record.
+//! - The line format and the canonical bytes the hash and MAC cover are
+//!   specified in `record.rs`, precisely enough to verify a log without
+//!   this crate.
+//!
+//! [`RequestLog`] is the separate, cheap per-request access log.
 
-use serde::Serialize;
-use std::fs;
-use std::io::{self, Write};
-use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod keys;
+mod log;
+mod record;
+mod request;
+mod sink;
+mod time;
+mod verify;
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RequestRecord {
-    /// RFC 3339 UTC with milliseconds.
-    pub time: String,
-    pub request_id: String,
-    /// Public id of the API key; never the secret. `None` when the request
-    /// was not authenticated.
-    pub key_id: Option<String>,
-    pub method: String,
-    pub path: String,
-    pub model: Option<String>,
-    pub status: u16,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub latency_ms: f64,
-    /// Error code for rejected requests (e.g. `invalid_api_key`).
-    pub error: Option<String>,
-}
-
-/// Where request records go.
-pub struct RequestLog {
-    out: Mutex<Box<dyn Write + Send>>,
-    failures: AtomicU64,
-}
-
-impl RequestLog {
-    pub fn stdout() -> Self {
-        Self::to_writer(Box::new(io::stdout()))
-    }
-
-    pub fn stderr() -> Self {
-        Self::to_writer(Box::new(io::stderr()))
-    }
-
-    /// Append to a file (created 0600 if missing).
-    pub fn file(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(Self::to_writer(Box::new(f)))
-    }
-
-    pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        Self {
-            out: Mutex::new(out),
-            failures: AtomicU64::new(0),
-        }
-    }
-
-    /// Write one record as one line. On failure the error is counted,
-    /// reported and returned.
-    pub fn record(&self, rec: &RequestRecord) -> io::Result<()> {
-        let result = (|| {
-            let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
-            line.push(b'\n');
-            let mut out = self
-                .out
-                .lock()
-                .map_err(|_| io::Error::other("request log writer poisoned"))?;
-            // One write_all per line so concurrent records never interleave.
-            out.write_all(&line)?;
-            out.flush()
-        })();
-        if let Err(e) = &result {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, request_id = %rec.request_id, "request record could not be written");
-        }
-        result
-    }
-
-    /// Records that could not be written since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-}
-
-/// Format Unix milliseconds as RFC 3339 UTC (`2026-11-22T10:00:00.123Z`).
-pub fn rfc3339_millis(unix_ms: u128) -> String {
-    let secs = (unix_ms / 1000) as i64;
-    let ms = (unix_ms % 1000) as u32;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Now, as [`rfc3339_millis`].
-pub fn now_rfc3339() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    rfc3339_millis(ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    #[test]
-    fn formats_time() {
-        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(951_782_400_001), "2000-02-29T00:00:00.001Z");
-        assert_eq!(rfc3339_millis(1_795_300_000_123), "2026-11-21T22:26:40.123Z");
-    }
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    struct Broken;
-    impl Write for Broken {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::Error::other("disk full"))
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn one_json_line_per_record() {
-        let buf = Shared::default();
-        let log = RequestLog::to_writer(Box::new(buf.clone()));
-        let rec = RequestRecord {
-            request_id: "r1".into(),
-            status: 200,
-            completion_tokens: 5,
-            ..Default::default()
-        };
-        log.record(&rec).unwrap();
-        log.record(&rec).unwrap();
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines.len(), 2);
-        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
-        assert_eq!(v["request_id"], "r1");
-        assert_eq!(v["completion_tokens"], 5);
-        assert_eq!(v["key_id"], serde_json::Value::Null);
-    }
-
-    #[test]
-    fn failures_are_counted_not_dropped_silently() {
-        let log = RequestLog::to_writer(Box::new(Broken));
-        assert!(log.record(&RequestRecord::default()).is_err());
-        assert_eq!(log.failures(), 1);
-    }
-}
+pub use keys::{AuditKeys, KEY_LEN, KeysError};
+pub use log::{AuditError, AuditLog, AuditOptions, AuditStats};
+pub use record::{AuditRecord, Checkpoint, GENESIS_PREV, Outcome, action, prompt_hmac};
+pub use request::{RequestLog, RequestRecord};
+pub use sink::{FileSink, Sink, Tail, WriterSink, rotated_files, rotated_name};
+pub use time::{now_rfc3339, rfc3339_millis};
+pub use verify::{
+    ChainError, FileSummary, MAX_LINE, Problem, VerifyError, VerifyOptions, VerifySummary, verify,
+    verify_with,
+};

@@ -29,6 +29,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub engine: RawEngine,
     #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
     pub models: Vec<RawModel>,
 }
 
@@ -59,6 +61,31 @@ pub struct RawEngine {
     pub queue_capacity: Option<usize>,
     pub max_context: Option<usize>,
     pub default_max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub enabled: Option<bool>,
+    pub file: Option<PathBuf>,
+    pub keys_file: Option<PathBuf>,
+    pub max_bytes: Option<u64>,
+    pub stdout: Option<bool>,
+    pub durable: Option<bool>,
+    pub fail_closed: Option<bool>,
+    pub checkpoint_every: Option<u64>,
+}
+
+/// The tamper-evident audit log (`[audit]`).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub file: PathBuf,
+    pub keys_file: PathBuf,
+    pub max_bytes: u64,
+    pub stdout: bool,
+    pub durable: bool,
+    pub fail_closed: bool,
+    pub checkpoint_every: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +164,8 @@ pub struct Config {
     pub request_log: RequestLogTarget,
     pub engine: EngineOptions,
     pub models: Vec<ModelConfig>,
+    /// `None` when `audit.enabled = false`.
+    pub audit: Option<AuditConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +188,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub const DEFAULT_INFERENCE_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8082";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 100 << 20;
 
 impl RawConfig {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -184,6 +214,41 @@ impl RawConfig {
             .or(default_home)
             .ok_or_else(|| invalid("home", "not set, and neither $MOAT_HOME nor $HOME is available"))?;
         let keys_file = self.keys_file.unwrap_or_else(|| home.join("keys.json"));
+        let a = self.audit;
+        let audit = match a.enabled.unwrap_or(true) {
+            false => {
+                if a.fail_closed == Some(true) {
+                    return Err(invalid(
+                        "audit.fail_closed",
+                        "needs the audit log (audit.enabled = true)",
+                    ));
+                }
+                None
+            }
+            true => {
+                let max_bytes = a.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES);
+                if max_bytes < 4096 {
+                    return Err(invalid("audit.max_bytes", format!("{max_bytes} is below 4096")));
+                }
+                let durable = a.durable.unwrap_or(true);
+                let fail_closed = a.fail_closed.unwrap_or(false);
+                if fail_closed && !durable {
+                    return Err(invalid(
+                        "audit.fail_closed",
+                        "needs audit.durable = true (a record must be on disk)",
+                    ));
+                }
+                Some(AuditConfig {
+                    file: a.file.unwrap_or_else(|| home.join("audit").join("audit.jsonl")),
+                    keys_file: a.keys_file.unwrap_or_else(|| home.join("audit-keys.json")),
+                    max_bytes,
+                    stdout: a.stdout.unwrap_or(false),
+                    durable,
+                    fail_closed,
+                    checkpoint_every: a.checkpoint_every.unwrap_or(1000),
+                })
+            }
+        };
         let addr = |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
             let s = v.unwrap_or_else(|| default.to_owned());
             s.parse()
@@ -288,6 +353,7 @@ impl RawConfig {
             request_log,
             engine,
             models,
+            audit,
         })
     }
 }

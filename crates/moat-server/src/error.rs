@@ -105,6 +105,18 @@ impl ApiError {
         }
     }
 
+    pub fn audit_unavailable() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "audit_unavailable",
+                "the audit record of this request could not be written; the request was refused (audit.fail_closed)",
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

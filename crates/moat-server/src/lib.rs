@@ -19,7 +19,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use moat_artifact::Store;
-use moat_audit::RequestLog;
+use moat_audit::{
+    AuditKeys, AuditLog, AuditOptions, AuditRecord, FileSink, Outcome, RequestLog, WriterSink, action,
+};
 use moat_engine::Engine;
 use moat_guard::keys::KeyStore;
 use serde_json::json;
@@ -46,6 +48,8 @@ pub enum ServerError {
     Store { path: PathBuf, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("audit log {path}: {message}")]
+    Audit { path: PathBuf, message: String },
 }
 
 /// Models that loaded, and those refused with the reason.
@@ -139,6 +143,15 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    // The audit log counts its own failures (including records whose write
+    // failed after `submit` returned); the counter mirrors it.
+    if let Some(log) = &state.audit {
+        let counted = state.metrics.audit_failures.get();
+        let now = log.failures();
+        if now > counted {
+            state.metrics.audit_failures.inc_by(now - counted);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -288,6 +301,10 @@ pub async fn serve(
             source,
         })?,
     };
+    let audit = match &config.audit {
+        None => None,
+        Some(a) => Some(Arc::new(open_audit(a)?)),
+    };
     let engines: BTreeMap<String, Arc<Engine>> = models
         .engines
         .into_iter()
@@ -303,7 +320,12 @@ pub async fn serve(
         public_routes: config.public_routes.clone(),
         max_body_bytes: config.max_body_bytes,
         metrics_public: config.metrics_public,
+        audit: audit.clone(),
+        audit_fail_closed: config.audit.as_ref().is_some_and(|a| a.fail_closed),
     });
+    if let Some(log) = &audit {
+        lifecycle(log, config, &state).await?;
+    }
     watch_keys(state.clone(), keys);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -316,11 +338,91 @@ pub async fn serve(
     };
     tracing::info!(addr = %bound.inference_addr, "inference plane listening");
     tracing::info!(addr = %bound.metrics_addr, "metrics plane listening");
-    let inference = axum::serve(bound.inference, inference_router(state.clone()))
-        .with_graceful_shutdown(until(stop_rx.clone()));
-    let metrics = axum::serve(bound.metrics, metrics_router(state)).with_graceful_shutdown(until(stop_rx));
+    let inference = axum::serve(
+        bound.inference,
+        inference_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(until(stop_rx.clone()));
+    let metrics = axum::serve(
+        bound.metrics,
+        metrics_router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(until(stop_rx));
     let (a, b) = tokio::join!(inference.into_future(), metrics.into_future());
+    // Every request has finished: the stop record, then everything queued
+    // is written before exit (records are never lost on SIGTERM).
+    if let Some(log) = &audit {
+        let _ = log.submit(AuditRecord::new(action::SERVER_STOP, Outcome::Ok));
+        if let Err(e) = log.close() {
+            tracing::error!(error = %e, "audit log: could not write every record at shutdown");
+        }
+    }
     a.map_err(ServerError::Serve)?;
     b.map_err(ServerError::Serve)?;
+    Ok(())
+}
+
+/// Open the audit log: the chained file (created with its folder 0700),
+/// optionally mirrored to stdout, under keys from the keys file (generated
+/// 0600 on first start).
+fn open_audit(a: &config::AuditConfig) -> Result<AuditLog, ServerError> {
+    let err = |path: &std::path::Path, message: String| ServerError::Audit {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(dir) = a.file.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| err(dir, e.to_string()))?;
+    }
+    let keys = if a.keys_file.exists() {
+        AuditKeys::from_file(&a.keys_file)
+    } else {
+        AuditKeys::generate_file(&a.keys_file)
+    }
+    .map_err(|e| err(&a.keys_file, e.to_string()))?;
+    let file = FileSink::open(a.file.clone(), Some(a.max_bytes)).map_err(|e| err(&a.file, e.to_string()))?;
+    let mut sinks: Vec<Box<dyn moat_audit::Sink>> = vec![Box::new(file)];
+    if a.stdout {
+        sinks.push(Box::new(WriterSink::stdout()));
+    }
+    let options = AuditOptions {
+        durable: a.durable,
+        checkpoint_every: a.checkpoint_every,
+        ..AuditOptions::default()
+    };
+    AuditLog::open(sinks, keys, options).map_err(|e| err(&a.file, e.to_string()))
+}
+
+/// Start-up records: the server start and each model's load or refusal.
+/// With `fail_closed`, a log that cannot record the start stops the start.
+async fn lifecycle(log: &AuditLog, config: &Config, state: &AppState) -> Result<(), ServerError> {
+    let mut recs = vec![AuditRecord::new(action::SERVER_START, Outcome::Ok)];
+    for (name, engine) in &state.engines {
+        let mut r = AuditRecord::new(action::MODEL_LOAD, Outcome::Ok);
+        r.model = Some(name.clone());
+        r.model_digest = Some(engine.revision().to_owned());
+        recs.push(r);
+    }
+    for (name, reason) in &state.refused {
+        let mut r = AuditRecord::new(action::MODEL_REFUSE, Outcome::Error);
+        r.model = Some(name.clone());
+        r.reason = Some(reason.clone());
+        recs.push(r);
+    }
+    for r in recs {
+        if let Err(e) = log.append_async(r).await {
+            if config.audit.as_ref().is_some_and(|a| a.fail_closed) {
+                return Err(ServerError::Audit {
+                    path: config.audit.as_ref().map(|a| a.file.clone()).unwrap_or_default(),
+                    message: format!("cannot record the start (audit.fail_closed): {e}"),
+                });
+            }
+            tracing::error!(error = %e, "audit record not written");
+        }
+    }
     Ok(())
 }

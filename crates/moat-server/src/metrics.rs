@@ -25,6 +25,9 @@ pub struct Metrics {
     pub duration: Family<RouteLabels, Histogram>,
     pub prompt_tokens: Family<ModelLabels, Counter>,
     pub completion_tokens: Family<ModelLabels, Counter>,
+    /// Audit records that could not be written (fail-open) or that turned a
+    /// request into a 503 (fail-closed).
+    pub audit_failures: Counter,
 }
 
 /// Latency buckets from 1 ms to 60 s: request-path overhead at the bottom,
@@ -40,6 +43,7 @@ impl Metrics {
         let duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS));
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
         let completion_tokens = Family::<ModelLabels, Counter>::default();
+        let audit_failures = Counter::default();
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -60,7 +64,13 @@ impl Metrics {
             "Completion tokens generated, by model",
             completion_tokens.clone(),
         );
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written durably",
+            audit_failures.clone(),
+        );
         Self {
+            audit_failures,
             registry,
             requests,
             duration,

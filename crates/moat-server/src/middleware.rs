@@ -11,7 +11,7 @@
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::{AppState, RequestContext};
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -40,17 +40,40 @@ pub async fn request_context(State(state): State<Arc<AppState>>, mut req: Reques
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let ctx = Arc::new(RequestContext::new(
-        state,
+        state.clone(),
         id.clone(),
         req.method().to_string(),
         req.uri().path().to_owned(),
         route,
     ));
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
     req.extensions_mut().insert(ctx.clone());
     let mut resp = next.run(req).await;
     ctx.set_status(resp.status().as_u16());
     if let Some(code) = resp.extensions().get::<ErrorCode>() {
         ctx.set_error(code.0);
+    }
+    // The audit record of the decision. Fail-closed: it must be durable
+    // before any byte of the response (streams included) leaves, else 503.
+    if let Some(audit) = &state.audit {
+        let rec = ctx.audit_record(client);
+        let written = if state.audit_fail_closed {
+            audit.append_async(rec).await
+        } else {
+            audit.submit(rec)
+        };
+        if let Err(e) = written {
+            // The log counts every unwritten record itself (see /metrics).
+            tracing::error!(error = %e, request_id = %id, "audit record not written");
+            if state.audit_fail_closed {
+                resp = ApiError::audit_unavailable().into_response();
+                ctx.set_status(resp.status().as_u16());
+                ctx.set_error("audit_unavailable");
+            }
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);

@@ -218,7 +218,7 @@ pub async fn chat_completions(
             }
         })?
         .clone();
-    ctx.set_model(engine.name());
+    ctx.set_model(engine.name(), engine.revision());
     let valid = engine.validate(into_engine_request(&req)?)?;
     let prompt_tokens = valid.prompt_tokens();
     let events = engine.submit(valid)?;

@@ -9,7 +9,7 @@
 //! counts in the record are the true ones.
 
 use crate::metrics::{Metrics, ModelLabels, RouteLabels};
-use moat_audit::{RequestLog, RequestRecord, now_rfc3339};
+use moat_audit::{AuditLog, AuditRecord, Outcome, RequestLog, RequestRecord, action, now_rfc3339};
 use moat_engine::Engine;
 use moat_guard::Keyring;
 use std::collections::BTreeMap;
@@ -28,6 +28,10 @@ pub struct AppState {
     pub public_routes: Vec<String>,
     pub max_body_bytes: usize,
     pub metrics_public: bool,
+    /// The tamper-evident audit log, and whether a request whose record
+    /// cannot be written durably is refused (503).
+    pub audit: Option<Arc<AuditLog>>,
+    pub audit_fail_closed: bool,
 }
 
 impl AppState {
@@ -52,6 +56,7 @@ struct Fields {
     route: String,
     key_id: Option<String>,
     model: Option<String>,
+    model_digest: Option<String>,
     status: u16,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -98,8 +103,49 @@ impl RequestContext {
     pub fn set_key(&self, key_id: &str) {
         self.with(|f| f.key_id = Some(key_id.to_owned()));
     }
-    pub fn set_model(&self, model: &str) {
-        self.with(|f| f.model = Some(model.to_owned()));
+    pub fn set_model(&self, model: &str, digest: &str) {
+        self.with(|f| {
+            f.model = Some(model.to_owned());
+            f.model_digest = Some(digest.to_owned());
+        });
+    }
+
+    /// The audit record of this request's decision, as known now (the
+    /// response status is set; stream token counts may still grow).
+    pub fn audit_record(&self, client: Option<String>) -> AuditRecord {
+        let mut out = None;
+        self.with(|f| {
+            let act = match (f.status, f.route.as_str()) {
+                (401, _) => action::AUTH_REJECT,
+                (_, "/v1/chat/completions") => action::INFERENCE_CHAT,
+                (_, "/v1/models" | "/v1/models/{model}") => action::INFERENCE_MODELS,
+                (_, "/metrics") => "metrics.read",
+                (_, "/health" | "/ready") => "health.read",
+                _ => "http.request",
+            };
+            let (outcome, stage) = match f.status {
+                0..=399 => (Outcome::Allowed, None),
+                401 => (Outcome::Denied, Some("auth")),
+                403 => (Outcome::Denied, Some("authz")),
+                400..=498 => (Outcome::Denied, Some("request")),
+                _ => (Outcome::Error, Some("engine")),
+            };
+            let mut rec = AuditRecord::new(act, outcome);
+            rec.request_id = Some(self.request_id.clone());
+            rec.principal = f.key_id.clone();
+            rec.resource = Some(format!("{} {}", self.method, self.path));
+            rec.reason = f.error.clone();
+            rec.stage = stage.map(str::to_owned);
+            rec.model = f.model.clone();
+            rec.model_digest = f.model_digest.clone();
+            if f.model.is_some() {
+                rec.prompt_tokens = Some(f.prompt_tokens);
+                rec.completion_tokens = Some(f.completion_tokens);
+            }
+            rec.client_addr = client;
+            out = Some(rec);
+        });
+        out.unwrap_or_else(|| AuditRecord::new("http.request", Outcome::Error))
     }
     pub fn set_status(&self, status: u16) {
         self.with(|f| f.status = status);

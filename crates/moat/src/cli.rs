@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
-    /// Manage API keys.
+    /// Manage API keys and the key-encryption keys of encryption at rest.
     Keys {
         #[command(subcommand)]
         cmd: KeysCommand,
@@ -90,6 +90,11 @@ enum Command {
     VerifySignature {
         #[command(subcommand)]
         cmd: crate::signing_cmd::VerifySignatureCommand,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: crate::audit_cmd::AuditCommand,
     },
     /// Write a random-weight Qwen2 model in Hugging Face layout.
     DemoModel {
@@ -204,6 +209,9 @@ enum KeysCommand {
     List,
     /// Revoke a key by id; a running server stops accepting it within a second.
     Revoke { id: String },
+    // Key-encryption keys for encryption at rest: rotate-kek, rewrap, retire-kek, list-keks.
+    #[command(flatten)]
+    Kek(crate::crypto_cmd::KekCommand),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -255,6 +263,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }))
         }
         Command::Keys {
+            cmd: KeysCommand::Kek(cmd),
+            store,
+            ..
+        } => crate::crypto_cmd::run(cmd, &store),
+        Command::Keys {
             cmd,
             keys_file,
             store,
@@ -267,6 +280,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Sign { cmd } => crate::signing_cmd::sign(cmd),
         Command::VerifySignature { cmd } => crate::signing_cmd::verify(cmd),
+        Command::Audit { cmd } => crate::audit_cmd::run(cmd),
         Command::DemoModel {
             dir,
             seed,
@@ -450,6 +464,7 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
             let rec = store.revoke(&id)?;
             println!("revoked {}", rec.id);
         }
+        KeysCommand::Kek(_) => bail!("KEK commands are dispatched before the keys file is opened"),
     }
     Ok(ExitCode::SUCCESS)
 }

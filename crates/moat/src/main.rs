@@ -2,7 +2,9 @@
 //! together; exit codes follow DESIGN.md (0 ok, 1 refused / mismatch /
 //! unsafe, 2 error).
 
+mod audit_cmd;
 mod cli;
+mod crypto_cmd;
 mod demo;
 mod signing_cmd;
 
