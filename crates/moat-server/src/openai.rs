@@ -219,7 +219,23 @@ pub async fn chat_completions(
         })?
         .clone();
     ctx.set_model(engine.name(), engine.revision());
-    let valid = engine.validate(into_engine_request(&req)?)?;
+    let chat_request = into_engine_request(&req)?;
+    if let Some(audit) = &state.audit {
+        // A keyed hash of the prompt (the messages as a JSON array of
+        // [role, content] pairs): lets an auditor match a known prompt to
+        // its record without the log ever holding prompts.
+        let canonical: Vec<[&str; 2]> = chat_request
+            .messages
+            .iter()
+            .map(|m| [m.role.as_str(), m.content.as_str()])
+            .collect();
+        ctx.set_prompt_hmac(
+            audit
+                .keys()
+                .prompt_hmac(&serde_json::to_string(&canonical).unwrap_or_default()),
+        );
+    }
+    let valid = engine.validate(chat_request)?;
     let prompt_tokens = valid.prompt_tokens();
     let events = engine.submit(valid)?;
     // Admitted: the prompt will be processed even if the client leaves.

@@ -57,6 +57,7 @@ struct Fields {
     key_id: Option<String>,
     model: Option<String>,
     model_digest: Option<String>,
+    prompt_hmac: Option<String>,
     status: u16,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -110,6 +111,10 @@ impl RequestContext {
         });
     }
 
+    pub fn set_prompt_hmac(&self, mac: String) {
+        self.with(|f| f.prompt_hmac = Some(mac));
+    }
+
     /// The audit record of this request's decision, as known now (the
     /// response status is set; stream token counts may still grow).
     pub fn audit_record(&self, client: Option<String>) -> AuditRecord {
@@ -143,6 +148,7 @@ impl RequestContext {
                 rec.completion_tokens = Some(f.completion_tokens);
             }
             rec.client_addr = client;
+            rec.prompt_hmac = f.prompt_hmac.clone();
             out = Some(rec);
         });
         out.unwrap_or_else(|| AuditRecord::new("http.request", Outcome::Error))

@@ -70,6 +70,14 @@ fn every_request_is_audited_and_the_chain_verifies() {
     assert!(chat["model_digest"].as_str().unwrap().starts_with("sha256:"));
     assert!(chat["completion_tokens"].as_u64().unwrap() > 0);
     assert_eq!(chat["client_addr"], "127.0.0.1");
+    let mac = chat["prompt_hmac"].as_str().unwrap();
+    assert_eq!(mac.len(), 64, "keyed prompt hash: {mac}");
+    assert!(
+        !std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("Tell me about moats"),
+        "prompt stored"
+    );
     assert!(
         requests
             .iter()
