@@ -16,8 +16,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
@@ -195,57 +194,16 @@ impl KeyStore {
 
     /// Read-modify-write under an exclusive advisory lock.
     fn update<T>(&self, f: impl FnOnce(&mut Vec<KeyRecord>) -> Result<T, KeyError>) -> Result<T, KeyError> {
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            use std::os::unix::fs::DirBuilderExt;
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(self.io())?;
-        }
-        let lock_path = self.path.with_extension("lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| KeyError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| KeyError::Io {
-            path: lock_path.clone(),
-            source: e.into(),
-        })?;
+        let _lock = moat_fs::lock_for(&self.path).map_err(self.io())?;
         let mut keys = self.records()?;
         let out = f(&mut keys)?;
-        let body = serde_json::to_vec_pretty(&KeyFile {
+        let mut body = serde_json::to_vec_pretty(&KeyFile {
             version: FILE_VERSION,
             keys,
         })
         .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::File::open(parent)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io()(e)
-        })?;
+        body.push(b'\n');
+        moat_fs::write_atomic(&self.path, &body).map_err(self.io())?;
         Ok(out)
     }
 

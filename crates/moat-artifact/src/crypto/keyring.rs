@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 const FILE_FORMAT: u32 = 1;
@@ -509,28 +509,7 @@ impl KeyringFile {
         &self,
         f: impl FnOnce(&mut RawKeyring) -> Result<T, CryptoError>,
     ) -> Result<(RawKeyring, T), CryptoError> {
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            use std::os::unix::fs::DirBuilderExt;
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(self.io())?;
-        }
-        let lock_path = self.path.with_extension("lock");
-        let lock_err = |source: io::Error| CryptoError::Io {
-            path: lock_path.clone(),
-            source,
-        };
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(lock_err)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| lock_err(e.into()))?;
+        let _lock = moat_fs::lock_for(&self.path).map_err(self.io())?;
         let mut raw = self.read_raw()?.unwrap_or(RawKeyring {
             format: FILE_FORMAT,
             current: 0,
@@ -540,28 +519,9 @@ impl KeyringFile {
         self.validate(&raw)?;
         let mut body = serde_json::to_vec_pretty(&raw).map_err(|e| self.invalid(e.to_string()))?;
         body.push(b'\n');
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::File::open(parent)?.sync_all()?;
-            }
-            Ok(())
-        };
-        let result = write();
+        let result = moat_fs::write_atomic(&self.path, &body);
         zeroize::Zeroize::zeroize(&mut body);
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io()(e)
-        })?;
+        result.map_err(self.io())?;
         Ok((raw, out))
     }
 }
