@@ -735,8 +735,10 @@ def test_scoped_and_revoked_keys(client, moat_server):
     with pytest.raises(openai.PermissionDeniedError) as info:
         chat(other, max_tokens=1)
     assert info.value.body["code"] == "forbidden"
-    with pytest.raises(openai.NotFoundError):
+    # A served model outside the key's scope is 403 on every route.
+    with pytest.raises(openai.PermissionDeniedError) as info:
         other.models.retrieve(MODEL)
+    assert info.value.body["code"] == "forbidden"
 
     moat("revoke", user_id)
     deadline = time.monotonic() + 5

@@ -107,10 +107,13 @@ pub async fn get_model(
     principal: axum::Extension<Principal>,
     Path(model): Path<String>,
 ) -> Response {
-    if state.engines.contains_key(&model) && principal.may_use_model(&model) {
-        Json(model_object(&model, state.loaded_at)).into_response()
-    } else {
+    if !state.engines.contains_key(&model) {
         ApiError::model_not_found(&model).into_response()
+    } else if !principal.may_use_model(&model) {
+        // As for chat: a known model outside the key's scope is a 403.
+        ApiError::forbidden(format!("this API key may not use model `{model}`")).into_response()
+    } else {
+        Json(model_object(&model, state.loaded_at)).into_response()
     }
 }
 
