@@ -94,7 +94,7 @@ impl RequestContext {
         }
     }
 
-    fn with(&self, f: impl FnOnce(&mut Fields)) {
+    fn with<R>(&self, f: impl FnOnce(&mut Fields) -> R) -> R {
         match self.fields.lock() {
             Ok(mut g) => f(&mut g),
             Err(poison) => f(&mut poison.into_inner()),
@@ -118,7 +118,6 @@ impl RequestContext {
     /// The audit record of this request's decision, as known now (the
     /// response status is set; stream token counts may still grow).
     pub fn audit_record(&self, client: Option<String>) -> AuditRecord {
-        let mut out = None;
         self.with(|f| {
             let act = match (f.status, f.route.as_str()) {
                 (401, _) => action::AUTH_REJECT,
@@ -149,9 +148,8 @@ impl RequestContext {
             }
             rec.client_addr = client;
             rec.prompt_hmac = f.prompt_hmac.clone();
-            out = Some(rec);
-        });
-        out.unwrap_or_else(|| AuditRecord::new("http.request", Outcome::Error))
+            rec
+        })
     }
     pub fn set_status(&self, status: u16) {
         self.with(|f| f.status = status);
