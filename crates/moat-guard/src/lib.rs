@@ -4,5 +4,7 @@
 //! model.
 
 pub mod keys;
+pub mod ratelimit;
+pub mod totp;
 
 pub use keys::{AuthError, Keyring, Principal, Role};
