@@ -3,6 +3,7 @@
 //! every non-public route and [`Principal::may_use_model`] before touching a
 //! model.
 
+pub mod jwt;
 pub mod keys;
 pub mod ratelimit;
 pub mod totp;
