@@ -3,8 +3,9 @@
 #   - a Python virtual environment with the official `openai` SDK, pytest,
 #     `model-signing` (the reference signer for tests/signing) and moto
 #     (a real KMS API on loopback for the encryption tests);
+#   - redis-server (Debian) for the shared rate-limit tests;
 #   - nothing else: all other tests are Rust tests that start the real
-#     `moat` binary on loopback.
+#     `moat` binary (and the servers above) on loopback.
 # The cargo target directory is cached outside the clone so later runs on
 # the same machine are warm (override with CARGO_TARGET_DIR).
 set -euo pipefail
@@ -13,6 +14,19 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moat/target}"
 VENV="${MOAT_TEST_VENV:-$HOME/.cache/moat/venv}"
 step() { printf '\n== %s\n' "$*"; }
+
+step "system packages the tests start (redis-server)"
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    # Debian starts the service on install; tests run their own on loopback.
+    service redis-server stop >/dev/null 2>&1 || true
+  else
+    echo "redis-server is missing: install the Debian package redis-server and re-run" >&2
+    exit 1
+  fi
+fi
+export MOAT_REQUIRE_REDIS=1
 
 step "python test environment ($VENV)"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -13,6 +13,8 @@
 //! 1; a token budget counts its tokens) moves the TAT by `c·T`; it is
 //! refused when that would put the TAT more than `burst·T` ahead of now.
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
