@@ -6,8 +6,10 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod middleware;
+pub mod net;
 pub mod openai;
 pub mod state;
+pub mod tls;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
