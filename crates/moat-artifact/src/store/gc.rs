@@ -4,7 +4,8 @@
 //!   live quarantine folder, links the inode);
 //! - quarantine folders no live pull holds (dead PID, or a free `.lock`);
 //! - `trash/` (deletions a crash interrupted) and temp files of dead
-//!   processes (`current.tmp.PID`, `HEX.tmp.PID`).
+//!   processes (`current.tmp.PID`, `HEX.tmp.PID`);
+//! - `locks/NAME.lock` of models that no longer exist (not reported).
 //!
 //! gc holds the store lock exclusively: promotion (which decides "this blob
 //! exists, link it" and then links) and removal hold it shared, so the link
@@ -15,7 +16,7 @@
 
 use super::fsops::{FileLock, LockMode, process_alive};
 use super::quarantine::{InUse, in_use};
-use super::{MODELS_DIR, QUARANTINE_DIR, Store, StoreError, TRASH_DIR, io_at};
+use super::{LOCKS_DIR, MODELS_DIR, QUARANTINE_DIR, Store, StoreError, TRASH_DIR, io_at};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
@@ -120,6 +121,26 @@ fn remove_entry(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
+    /// Delete `locks/NAME.lock` of models that no longer exist. Safe only
+    /// under the exclusive store lock: every model lock is taken while
+    /// holding the store lock shared, so no one holds or is opening one.
+    fn remove_unused_model_locks(&self) -> Result<(), StoreError> {
+        let models = self.root.join(MODELS_DIR);
+        for path in read_dir_paths(&self.root.join(LOCKS_DIR))? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(model) = name.strip_suffix(".lock")
+                && !model.is_empty()
+                && !models.join(model).exists()
+            {
+                remove_entry(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Remove unreferenced blobs, abandoned quarantine folders and trash;
     /// with `dry_run`, only report them.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, StoreError> {
@@ -187,6 +208,7 @@ impl Store {
             remove_entry(path)?;
         }
         drop(held);
+        self.remove_unused_model_locks()?;
         if !orphan_blobs.is_empty() {
             super::fsync_dir(&blob_dir).map_err(io_at(&blob_dir))?;
         }

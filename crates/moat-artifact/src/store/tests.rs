@@ -256,6 +256,11 @@ fn remove_versions_and_models() {
     );
     assert!(store.model_info(&m).unwrap_err().is_not_found());
     assert!(store.remove(&m, None, false).unwrap_err().is_not_found());
+    store.gc(false).unwrap();
+    assert!(
+        !store.root().join("locks/m.lock").exists(),
+        "gc drops a removed model's lock file"
+    );
     // Nothing half-deleted anywhere.
     assert_eq!(fs::read_dir(store.root().join("trash")).unwrap().count(), 0);
 
