@@ -12,7 +12,8 @@ if [ ! -d "$store/models/$name" ]; then
   "$MOAT" demo-model "$WORK/src-$name" --preset r1-distill-qwen-1.5b --dtype "$dtype" --seed 1 >/dev/null
   "$MOAT" pull "file://$WORK/src-$name" --name "$name" --store "$store"
 fi
-files=("$store/models/$name/files/"*)
+# The active version folder: its files are hard links to the blobs.
+files=("$store/models/$name/versions/$(cat "$store/models/$name/current")/files/"*)
 bytes=$(cat "${files[@]}" | wc -c)
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 calc() { awk "BEGIN { print $1 }"; }

@@ -12,7 +12,7 @@ use crate::lock::{LOCK_FILE, Lock, LockedFile, check_rel_path};
 use crate::name::{InvalidName, ModelName};
 use crate::policy::SignaturePolicy;
 use crate::source::{Source, SourceError};
-use crate::store::{FILES_DIR, Promoted, Store, fsync_dir, remove_tree};
+use crate::store::{FILES_DIR, Promoted, Store, StoreError, fsync_dir, remove_tree};
 use crate::tree::{EntryKind, walk};
 use std::fs;
 use std::io::{self, Write};
@@ -71,6 +71,8 @@ pub enum PullError {
     },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl PullError {
@@ -213,47 +215,35 @@ pub fn pull(store: &Store, req: &PullRequest) -> Result<PullOutcome, PullError> 
     let revision = Lock::content_revision(&locked);
     let mut lock = Lock::new(name.as_str(), &source.url(), &revision, locked);
     lock.signature = signed_by;
-    let target = store.model_dir(&name);
-    if let Ok(existing) = Lock::read(&target.join(LOCK_FILE)) {
-        if existing.revision == lock.revision
-            && existing.files == lock.files
-            && existing.signature == lock.signature
-        {
-            return Ok(PullOutcome::AlreadyPresent {
-                lock: existing,
-                dir: target,
-            });
-        }
-        if !req.replace {
-            return Err(PullError::Exists {
-                name: name.to_string(),
-                existing: existing.revision,
-                incoming: lock.revision,
-            });
-        }
-    }
     write_new_file(&qdir.join(LOCK_FILE), lock.to_toml().as_bytes())?;
 
-    let promoted = store.promote(&qdir, &name, req.replace).map_err(|source| {
-        if source.kind() == io::ErrorKind::AlreadyExists {
-            PullError::Exists {
-                name: name.to_string(),
-                existing: "(appeared during the pull)".into(),
-                incoming: lock.revision.clone(),
-            }
-        } else {
-            PullError::Io {
-                path: target.clone(),
-                source,
-            }
-        }
+    // The store decides: a new model, a new version of the same source, the
+    // same version again (no-op), or a different source (needs --replace).
+    let promotion = store.promote(&qdir, &name, req.replace).map_err(|e| match e {
+        StoreError::DifferentSource {
+            existing_source,
+            existing_revision,
+            incoming_source,
+            ..
+        } => PullError::Exists {
+            name: name.to_string(),
+            existing: format!("{existing_revision} from {existing_source}"),
+            incoming: format!("{} from {incoming_source}", lock.revision),
+        },
+        other => PullError::Store(other),
     })?;
-    // `promote` moved the folder (or swapped and removed the old one).
+    // `promote` consumed the quarantine folder.
     guard.0 = None;
-    Ok(PullOutcome::Promoted {
-        lock,
-        dir: target,
-        replaced: promoted == Promoted::Replaced,
+    Ok(match promotion.kind {
+        Promoted::Unchanged => PullOutcome::AlreadyPresent {
+            lock,
+            dir: promotion.dir,
+        },
+        kind => PullOutcome::Promoted {
+            lock,
+            dir: promotion.dir,
+            replaced: kind == Promoted::Replaced,
+        },
     })
 }
 

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use moat_artifact::Store;
+use moat_artifact::name::ModelName;
 use moat_artifact::pull::{PullRequest, pull};
 use moat_artifact::verify::load_verified;
 use moat_engine::demo::{DemoOptions, write_demo_model};
@@ -32,7 +33,7 @@ fn engine(edit: impl FnOnce(&mut serde_json::Value), opts: EngineOptions) -> (te
         signature: None,
     };
     pull(&store, &req).unwrap();
-    let model = load_verified(&store.root().join("models/m")).unwrap();
+    let model = load_verified(&store.model_dir(&ModelName::parse("m").unwrap()).unwrap()).unwrap();
     let engine = Engine::start(model, opts).unwrap();
     (t, engine)
 }

@@ -72,10 +72,13 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     let mut refused = Vec::new();
     for model in &config.models {
         let name = &model.name;
-        let dir = store.model_dir(name);
         let started = std::time::Instant::now();
-        let result = rescan(&dir)
-            .and_then(|()| {
+        // The active version's folder, as `models/NAME/current` names it now.
+        let result = store
+            .model_dir(name)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| rescan(&dir).map(|()| dir))
+            .and_then(|dir| {
                 moat_artifact::verify::load_verified(&dir).map_err(|e| format!("verification failed: {e}"))
             })
             .and_then(|m| match &model.signature {

@@ -56,6 +56,13 @@ enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Stored models and their versions: list, show, rm, gc.
+    Models {
+        #[command(subcommand)]
+        cmd: crate::models_cmd::ModelsCommand,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Re-hash a stored model (NAME) or a model folder (PATH) against its lock.
     Verify {
         target: String,
@@ -239,6 +246,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             Ok(report_pull(pull(&store, &req)))
         }
+        Command::Models { cmd, store } => crate::models_cmd::run(cmd, &store),
         Command::Verify {
             target,
             signature,
@@ -359,11 +367,8 @@ fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) ->
     } else {
         let name = moat_artifact::name::ModelName::parse(target)?;
         let store = Store::open(&store.root()?).context("cannot open the store")?;
-        let dir = store.model_dir(&name);
-        if !dir.exists() {
-            bail!("no model named \"{name}\" in {}", store.root().display());
-        }
-        dir
+        // The active version (`models/NAME/current`).
+        store.model_dir(&name)?
     };
     let started = std::time::Instant::now();
     match verify::verify_dir(&dir) {

@@ -6,6 +6,7 @@ mod audit_cmd;
 mod cli;
 mod crypto_cmd;
 mod demo;
+mod models_cmd;
 mod signing_cmd;
 
 use clap::Parser;

@@ -149,7 +149,7 @@ fn existing_name_needs_replace_and_same_content_is_a_no_op() {
         code(&run(&["verify", "existing", "--store", store.to_str().unwrap()])),
         0
     );
-    let lock = std::fs::read_to_string(store.join("models/existing/moat.lock")).unwrap();
+    let lock = std::fs::read_to_string(active_dir(&store, "existing").join("moat.lock")).unwrap();
     assert!(lock.contains(&other.display().to_string()));
 }
 

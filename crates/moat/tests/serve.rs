@@ -31,7 +31,7 @@ fn flipped_byte_is_named_by_verify_and_refused_by_serve() {
     assert!(stderr(&o).contains("model.safetensors"), "{}", stderr(&o));
     assert!(stderr(&o).contains("sha256"), "{}", stderr(&o));
     // Verify by path too.
-    let o = run(&["verify", &path_str(&store.join("models/a"))]);
+    let o = run(&["verify", &path_str(&active_dir(&store, "a"))]);
     assert_eq!(code(&o), 1);
     assert_eq!(code(&run(&["verify", "b", "--store", &s])), 0);
 
@@ -64,7 +64,7 @@ fn flipped_byte_is_named_by_verify_and_refused_by_serve() {
 fn extra_and_missing_files_are_named() {
     let (_t, store) = two_models();
     let s = path_str(&store);
-    let files = store.join("models/a/files");
+    let files = active_dir(&store, "a").join("files");
     std::fs::write(files.join("smuggled.json"), "{}").unwrap();
     let o = run(&["verify", "a", "--store", &s]);
     assert_eq!(code(&o), 1);
@@ -183,10 +183,10 @@ fn serve_rescans_on_load() {
     // current rules (as if pulled by an older, laxer moat): verify passes,
     // serve refuses it by name and rule and serves the other model.
     let (t, store) = two_models();
-    let files = store.join("models/a/files");
+    let files = active_dir(&store, "a").join("files");
     let evil = b"import os\nos.system('id')\n";
     std::fs::write(files.join("modeling_evil.py"), evil).unwrap();
-    let lock_path = store.join("models/a/moat.lock");
+    let lock_path = active_dir(&store, "a").join("moat.lock");
     let mut lock = std::fs::read_to_string(&lock_path).unwrap();
     let digest = {
         use sha2::Digest;

@@ -56,7 +56,7 @@ fn pull_enforces_the_signer_and_records_it() {
     sign(&good, "p256.key");
     let o = pull_with_key(&good, "good", &store);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let lock = std::fs::read_to_string(store.join("models/good/moat.lock")).unwrap();
+    let lock = std::fs::read_to_string(active_dir(&store, "good").join("moat.lock")).unwrap();
     assert!(
         lock.contains("[signature]") && lock.contains("signer = \"key sha256:"),
         "{lock}"

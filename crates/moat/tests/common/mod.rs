@@ -287,6 +287,14 @@ pub fn path_str(p: &Path) -> String {
     p.to_str().unwrap().to_owned()
 }
 
+/// The active version's folder of a stored model (`models/NAME/versions/V`
+/// where `models/NAME/current` holds `V`).
+pub fn active_dir(store: &Path, name: &str) -> PathBuf {
+    let model = store.join("models").join(name);
+    let current = std::fs::read_to_string(model.join("current")).unwrap();
+    model.join("versions").join(current.trim_end())
+}
+
 pub fn model_file(store: &Path, name: &str, rel: &str) -> PathBuf {
-    store.join("models").join(name).join("files").join(rel)
+    active_dir(store, name).join("files").join(rel)
 }
