@@ -9,6 +9,7 @@
 //! Deny by default: what cannot be shown safe is unsafe.
 
 pub mod hf;
+pub mod pickle;
 pub mod report;
 pub mod safetensors;
 pub mod sniff;
