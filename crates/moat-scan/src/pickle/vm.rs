@@ -1130,12 +1130,12 @@ impl<'a, 's> Machine<'a, 's> {
 
 /// Element size of a simple numpy type string such as `f8`, `<i4`, `U10`, `O8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DtypeSize {
+pub enum DtypeSize {
     Object,
     Bytes(u64),
 }
 
-pub(crate) fn descr_itemsize(descr: &str) -> Option<DtypeSize> {
+pub fn descr_itemsize(descr: &str) -> Option<DtypeSize> {
     let d = descr.trim_start_matches(['<', '>', '|', '=']);
     let (kind, digits) = d.split_at(d.char_indices().nth(1).map_or(d.len(), |(i, _)| i));
     let n: Option<u64> = if digits.is_empty() {
