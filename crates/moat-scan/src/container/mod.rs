@@ -202,5 +202,22 @@ fn too_large(format: Format, len: u64, src: &FileSource, mut ctx: Ctx) -> Vec<Fi
     ctx.sink.finish()
 }
 
+/// Entry point for cargo-fuzz: any bytes taken as a zip (members analysed,
+/// nested archives followed); must never panic or hang.
+pub fn fuzz_zip(data: &[u8]) {
+    let mut ctx = Ctx::new();
+    let _ = zip::scan(&Mem(data), "", 0, &mut ctx);
+    let _ = ctx.sink.finish();
+}
+
+/// Entry point for cargo-fuzz: any bytes taken as a `.npy` file, and sniffed
+/// and dispatched as a member would be.
+pub fn fuzz_npy(data: &[u8]) {
+    let mut ctx = Ctx::new();
+    let _ = numpy::scan(&Mem(data), "", &mut ctx);
+    nested::analyse_member("m", data, 0, &mut ctx);
+    let _ = ctx.sink.finish();
+}
+
 #[cfg(test)]
 mod tests;
