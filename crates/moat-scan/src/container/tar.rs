@@ -117,7 +117,7 @@ pub fn scan(src: &dyn Source, archive: &str, depth: usize, ctx: &mut Ctx) -> io:
             .checked_add(BLOCK - 1)
             .map(|s| s / BLOCK * BLOCK)
             .and_then(|s| data_start.checked_add(s))
-            .filter(|&n| data_start + size <= len && n <= len.max(data_start + size))
+            .filter(|&n| data_start.checked_add(size).is_some_and(|end| end <= len) && n <= len)
         else {
             malformed(
                 ctx,

@@ -484,3 +484,51 @@ fn analyse_bytes_entry_point() {
     analyse_bytes("x/data.pkl", EVIL, 0, &mut out);
     assert!(out.iter().any(|f| f.rule == pickle::rule::IMPORT_CRITICAL));
 }
+
+#[test]
+fn a_2_gib_torch_zip_is_scanned_from_its_directory_only() {
+    use std::io::{Seek, SeekFrom};
+    // Written sparse: a data.pkl, then a 2 GiB - 1 storage whose bytes are
+    // never written (nor read by the scanner), then the directory.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.pt");
+    let small = build_zip(&[m("archive/data.pkl", pickle_fixture())], b"", b"");
+    let cd_at = small.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+    let storage_len: u32 = u32::MAX >> 1;
+    let storage_off = cd_at as u32;
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&small[..cd_at]).unwrap();
+    let name = b"archive/data/0";
+    let mut local = b"PK\x03\x04\x14\x00\x00\x00\x00\x00".to_vec();
+    local.extend_from_slice(&[0; 8]);
+    local.extend_from_slice(&storage_len.to_le_bytes());
+    local.extend_from_slice(&storage_len.to_le_bytes());
+    local.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    local.extend_from_slice(&[0, 0]);
+    local.extend_from_slice(name);
+    f.write_all(&local).unwrap();
+    let cd_offset = f.seek(SeekFrom::Current(i64::from(storage_len))).unwrap();
+    let mut central = small[cd_at..].to_vec();
+    let eocd = central.windows(4).position(|w| w == b"PK\x05\x06").unwrap();
+    central.truncate(eocd);
+    central.extend_from_slice(b"PK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00");
+    central.extend_from_slice(&[0; 8]);
+    central.extend_from_slice(&storage_len.to_le_bytes());
+    central.extend_from_slice(&storage_len.to_le_bytes());
+    central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    central.extend_from_slice(&[0; 12]);
+    central.extend_from_slice(&storage_off.to_le_bytes());
+    central.extend_from_slice(name);
+    let mut tail = central.clone();
+    tail.extend_from_slice(b"PK\x05\x06\x00\x00\x00\x00\x02\x00\x02\x00");
+    tail.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    tail.extend_from_slice(&(cd_offset as u32).to_le_bytes());
+    tail.extend_from_slice(&[0, 0]);
+    f.write_all(&tail).unwrap();
+    drop(f);
+    let start = std::time::Instant::now();
+    let r = scan_file(&path, "big.pt");
+    let took = start.elapsed();
+    assert_clean(&r);
+    assert!(took.as_millis() < 500, "took {took:?}");
+}
