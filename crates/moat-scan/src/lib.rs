@@ -3,12 +3,16 @@
 //!
 //! Every file is sniffed by content ([`sniff`]), then judged by the policy
 //! for its format: safetensors is validated strictly ([`safetensors`]); JSON
-//! and text pass unless a Hugging Face rule fires ([`hf`]); every format that
-//! can carry executable payloads (pickle, zip, gzip, numpy, GGUF for now, and
-//! any unrecognised binary) is refused until a dedicated analyser exists.
+//! and text pass unless a Hugging Face rule fires ([`hf`]); pickles go
+//! through a non-executing VM judged by an allowlist ([`pickle`]); archives
+//! and numpy files are opened as their loaders open them and their members
+//! routed by content ([`container`]); formats without an analyser yet (GGUF
+//! for now, and any unrecognised binary) are refused.
 //! Deny by default: what cannot be shown safe is unsafe.
 
+pub mod container;
 pub mod hf;
+pub mod pickle;
 pub mod report;
 pub mod safetensors;
 pub mod sniff;
@@ -142,7 +146,18 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
              available, so it is refused; use safetensors weights or exclude the file",
             "",
         )),
-        Format::Pickle | Format::Zip | Format::Gzip | Format::Numpy | Format::Unknown => {
+        Format::Pickle
+        | Format::Zip
+        | Format::Gzip
+        | Format::Numpy
+        | Format::Tar
+        | Format::Zlib
+        | Format::SevenZip
+        | Format::TorchLegacy => match container::scan_path(path, format) {
+            Ok(found) => findings.extend(found),
+            Err(e) => return io_failure(rel, format, findings, "read", &e),
+        },
+        Format::Unknown => {
             findings.push(Finding::new(
                 rule::FORMAT_NOT_ALLOWED,
                 Severity::High,
@@ -166,16 +181,10 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
 
 fn not_allowed_message(format: Format) -> String {
     let what = match format {
-        Format::Pickle => "pickle data can run arbitrary code when loaded",
-        Format::Zip => "zip archives (PyTorch checkpoints, .npz, .keras) can hold pickles",
-        Format::Gzip => "gzip-compressed data can hide any other format",
-        Format::Numpy => "numpy files can embed pickled objects",
+        Format::Gguf => "GGUF analysis is not yet available",
         _ => "unrecognised binary data cannot be proven safe",
     };
-    format!(
-        "{what}, and moat does not analyse this format yet, so it is refused; convert the \
-         weights to safetensors or exclude the file"
-    )
+    format!("{what}, so it is refused; convert the weights to safetensors or exclude the file")
 }
 
 fn io_failure(

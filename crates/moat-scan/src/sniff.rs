@@ -13,8 +13,9 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
-/// How many leading bytes the magic-number checks look at.
-pub const HEAD_LEN: usize = 64;
+/// How many leading bytes the magic-number checks look at (a tar header is
+/// one 512-byte block).
+pub const HEAD_LEN: usize = 512;
 
 /// Files up to this size are read whole (JSON parsing, HF config rules);
 /// bigger ones are never parsed as JSON.
@@ -38,6 +39,12 @@ pub enum Format {
     Gzip,
     Gguf,
     Numpy,
+    Tar,
+    Zlib,
+    #[serde(rename = "7z")]
+    SevenZip,
+    #[serde(rename = "torch-legacy")]
+    TorchLegacy,
     Unknown,
 }
 
@@ -52,6 +59,10 @@ impl Format {
             Format::Gzip => "gzip",
             Format::Gguf => "gguf",
             Format::Numpy => "numpy",
+            Format::Tar => "tar",
+            Format::Zlib => "zlib",
+            Format::SevenZip => "7z",
+            Format::TorchLegacy => "torch-legacy",
             Format::Unknown => "unknown",
         }
     }
@@ -77,6 +88,9 @@ pub fn sniff_magic(head: &[u8]) -> Option<Format> {
     if looks_like_safetensors(head) {
         return Some(Format::Safetensors);
     }
+    if crate::container::torch::is_legacy(head) {
+        return Some(Format::TorchLegacy);
+    }
     match head {
         // PROTO opcode; protocols 2..=5 are what Python writes, 0 and 1 are
         // accepted by unpicklers too, so they are refused the same way.
@@ -85,6 +99,9 @@ pub fn sniff_magic(head: &[u8]) -> Option<Format> {
         [0x1f, 0x8b, ..] => Some(Format::Gzip),
         [b'G', b'G', b'U', b'F', ..] => Some(Format::Gguf),
         [0x93, b'N', b'U', b'M', b'P', b'Y', ..] => Some(Format::Numpy),
+        [b'7', b'z', 0xbc, 0xaf, 0x27, 0x1c, ..] => Some(Format::SevenZip),
+        _ if crate::container::tar::looks_like_tar(head) => Some(Format::Tar),
+        _ if crate::container::compress::looks_like_zlib(head) => Some(Format::Zlib),
         _ => None,
     }
 }
