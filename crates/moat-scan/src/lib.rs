@@ -3,15 +3,19 @@
 //!
 //! Every file is sniffed by content ([`sniff`]), then judged by the policy
 //! for its format: safetensors is validated strictly ([`safetensors`]); JSON
-//! and text pass unless a Hugging Face rule fires ([`hf`]); every format that
-//! can carry executable payloads (pickle, zip, gzip, numpy, GGUF for now, and
-//! any unrecognised binary) is refused until a dedicated analyser exists.
+//! and text pass unless a Hugging Face rule fires ([`hf`]); GGUF headers are
+//! validated strictly and their chat templates checked ([`gguf`],
+//! [`template`]); every format that can carry executable payloads (pickle,
+//! zip, gzip, numpy, and any unrecognised binary) is refused until a
+//! dedicated analyser exists.
 //! Deny by default: what cannot be shown safe is unsafe.
 
+pub mod gguf;
 pub mod hf;
 pub mod report;
 pub mod safetensors;
 pub mod sniff;
+pub mod template;
 
 use std::fs::{self, File};
 use std::io;
@@ -135,13 +139,13 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
             }
         }
         Format::Json | Format::Text => {}
-        Format::Gguf => findings.push(Finding::new(
-            rule::FORMAT_NOT_ALLOWED,
-            Severity::High,
-            "GGUF file: GGUF analysis (metadata and chat template checks) is not yet \
-             available, so it is refused; use safetensors weights or exclude the file",
-            "",
-        )),
+        Format::Gguf => match gguf::check_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(found) => {
+                findings.extend(found);
+                return FileReport::failed(rel, format, findings);
+            }
+        },
         Format::Pickle | Format::Zip | Format::Gzip | Format::Numpy | Format::Unknown => {
             findings.push(Finding::new(
                 rule::FORMAT_NOT_ALLOWED,

@@ -126,12 +126,11 @@ fn broken_config_json_is_refused() {
 #[test]
 fn executable_formats_are_not_allowed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, &[u8], Format); 7] = [
+    let cases: [(&str, &[u8], Format); 6] = [
         ("pytorch_model.bin", b"\x80\x02}q\x00.", Format::Pickle),
         ("model.pt", b"PK\x03\x04\x14\x00\x00\x00", Format::Zip),
         ("weights.npy", b"\x93NUMPY\x01\x00v\x00", Format::Numpy),
         ("data.gz", b"\x1f\x8b\x08\x00", Format::Gzip),
-        ("model.gguf", b"GGUF\x03\x00\x00\x00", Format::Gguf),
         ("blob", b"\x00\x01\x02\x03", Format::Unknown),
         // Protocol 0 pickle: plain ASCII, must not pass as text.
         ("model.ckpt", b"cos\nsystem\n(S'id'\ntR.", Format::Pickle),
@@ -146,11 +145,7 @@ fn executable_formats_are_not_allowed() {
         assert_eq!(rules(&file), vec![rule::FORMAT_NOT_ALLOWED], "{name}");
         assert_eq!(file.findings[0].severity, Severity::High);
         let message = &file.findings[0].message;
-        if format == Format::Gguf {
-            assert!(message.contains("not yet available"), "{message}");
-        } else {
-            assert!(message.contains("safetensors"), "{message}");
-        }
+        assert!(message.contains("safetensors"), "{message}");
     }
 }
 
@@ -268,4 +263,30 @@ fn empty_folder_gives_an_empty_report() {
         report.to_json(),
         r#"{"files":[],"summary":{"files":0,"unsafe":0,"errors":0}}"#
     );
+}
+
+#[test]
+fn gguf_files_are_checked_not_refused() {
+    use crate::gguf::tests::{V, benign};
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "good.gguf", &benign().build());
+    let evil = benign().kv(
+        "tokenizer.chat_template.rag",
+        V::Str("{{ cycler.__init__.__globals__.os.popen('id').read() }}".into()),
+    );
+    write(dir.path(), "evil.gguf", &evil.build());
+    write(dir.path(), "short.gguf", b"GGUF\x03\x00\x00\x00");
+    let good = scan_file(&dir.path().join("good.gguf"), "good.gguf");
+    assert_eq!(
+        (good.format, good.verdict),
+        (Format::Gguf, Verdict::Clean),
+        "{good:?}"
+    );
+    let evil = scan_file(&dir.path().join("evil.gguf"), "evil.gguf");
+    assert_eq!(evil.verdict, Verdict::Unsafe);
+    assert!(rules(&evil).contains(&crate::template::rule::DUNDER), "{evil:?}");
+    let short = scan_file(&dir.path().join("short.gguf"), "short.gguf");
+    assert_eq!(short.verdict, Verdict::Unsafe);
+    assert_eq!(rules(&short), vec![crate::gguf::rule::TRUNCATED]);
+    assert_eq!(short.findings[0].severity, Severity::Critical);
 }
