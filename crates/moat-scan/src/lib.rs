@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hf;
 pub mod report;
 pub mod safetensors;
+pub mod secrets;
 pub mod sniff;
 pub mod template;
 
@@ -138,7 +139,15 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
                 }
             }
         }
-        Format::Json | Format::Text => {}
+        Format::Json | Format::Text => {
+            // Oversized text (content None) is not searched for secrets.
+            if let Some(content) = &content {
+                findings.extend(secrets::scan_text(content));
+            }
+            if hf::is_template_file(rel) {
+                findings.extend(hf::check_template_file(content.as_deref()));
+            }
+        }
         Format::Gguf => match gguf::check_file(path) {
             Ok(found) => findings.extend(found),
             Err(found) => {

@@ -290,3 +290,31 @@ fn gguf_files_are_checked_not_refused() {
     assert_eq!(rules(&short), vec![crate::gguf::rule::TRUNCATED]);
     assert_eq!(short.findings[0].severity, Severity::Critical);
 }
+
+#[test]
+fn secrets_and_template_files_in_a_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = format!("hf_{}", "Ab1".repeat(12));
+    write(
+        dir.path(),
+        "README.md",
+        format!("# model\nuse token {token}\n").as_bytes(),
+    );
+    write(
+        dir.path(),
+        "chat_template.jinja",
+        b"{{ joiner.__init__.__globals__ }}",
+    );
+    write(dir.path(), "notes.txt", b"no secrets here, hf_short\n");
+    let report = scan_paths(&[dir.path().to_path_buf()]);
+    let by_name = |n: &str| report.files.iter().find(|f| f.path == n).expect(n);
+    let readme = by_name("README.md");
+    assert_eq!(readme.verdict, Verdict::Unsafe);
+    assert_eq!(rules(readme), vec![crate::secrets::rule::HUGGINGFACE_TOKEN]);
+    assert_eq!(readme.findings[0].location, "line 2 column 11");
+    assert!(!report.to_json().contains(&token));
+    let template = by_name("chat_template.jinja");
+    assert_eq!(template.verdict, Verdict::Unsafe);
+    assert!(rules(template).contains(&crate::template::rule::DUNDER));
+    assert_eq!(by_name("notes.txt").verdict, Verdict::Clean);
+}
