@@ -12,6 +12,8 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod keras;
+pub mod onnx;
 pub mod report;
 pub mod safetensors;
 pub mod secrets;
@@ -112,7 +114,7 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
     // The name is only a hint in one direction: a file that claims to be
     // safetensors is held to that claim, whatever its bytes look like.
     let claims_safetensors = rel.to_ascii_lowercase().ends_with(".safetensors");
-    let (format, content) = if claims_safetensors {
+    let (mut format, content) = if claims_safetensors {
         (Format::Safetensors, None)
     } else {
         let sniffed = File::open(path).and_then(|mut f| sniff::sniff_reader(&mut f));
@@ -149,6 +151,30 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
             }
         }
         Format::Gguf => match gguf::check_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(found) => {
+                findings.extend(found);
+                return FileReport::failed(rel, format, findings);
+            }
+        },
+        Format::Onnx => match onnx::check_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(onnx::NotOnnx::Io(e)) => return io_failure(rel, format, findings, "read", &e),
+            Err(not_onnx) => {
+                // It only looked like ONNX: judge it as the binary it is.
+                format = Format::Unknown;
+                findings.push(Finding::new(
+                    rule::FORMAT_NOT_ALLOWED,
+                    Severity::High,
+                    format!(
+                        "{} (it is not a well-formed ONNX model: {not_onnx})",
+                        not_allowed_message(format)
+                    ),
+                    "",
+                ));
+            }
+        },
+        Format::Hdf5 => match keras::check_hdf5_file(path) {
             Ok(found) => findings.extend(found),
             Err(found) => {
                 findings.extend(found);

@@ -318,3 +318,41 @@ fn secrets_and_template_files_in_a_folder() {
     assert!(rules(template).contains(&crate::template::rule::DUNDER));
     assert_eq!(by_name("notes.txt").verdict, Verdict::Clean);
 }
+
+#[test]
+fn onnx_and_hdf5_files_are_checked() {
+    use crate::keras::tests::{KERAS2_BENIGN, fake_h5};
+    use crate::onnx::tests::{graph_with_initializer, model, tensor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "w.bin", b"\0\0\0\0\0\0\0\0");
+    let good = model(&graph_with_initializer(&tensor("w", Some("w.bin"))), &[]);
+    write(dir.path(), "good.onnx", &good);
+    let evil = model(
+        &graph_with_initializer(&tensor("w", Some("../../etc/passwd"))),
+        &[],
+    );
+    write(dir.path(), "evil.onnx", &evil);
+    // Looks like ONNX for a few bytes, is not.
+    write(dir.path(), "fake.onnx", b"\x08\x07\x3a\xff\xff\xff\xff\x0f");
+    write(dir.path(), "model.h5", &fake_h5(KERAS2_BENIGN));
+    let lambda = r#"{"class_name": "Lambda", "config": {"function": ["4wEA", null, null]}}"#;
+    write(dir.path(), "lambda.h5", &fake_h5(lambda));
+    let report = scan_paths(&[dir.path().to_path_buf()]);
+    let by_name = |n: &str| report.files.iter().find(|f| f.path == n).expect(n);
+    let good = by_name("good.onnx");
+    assert_eq!(
+        (good.format, good.verdict),
+        (Format::Onnx, Verdict::Clean),
+        "{good:?}"
+    );
+    let evil = by_name("evil.onnx");
+    assert_eq!((evil.format, evil.verdict), (Format::Onnx, Verdict::Unsafe));
+    assert_eq!(rules(evil), vec![crate::onnx::rule::EXTERNAL_DATA]);
+    let fake = by_name("fake.onnx");
+    assert_eq!((fake.format, fake.verdict), (Format::Unknown, Verdict::Unsafe));
+    assert_eq!(rules(fake), vec![rule::FORMAT_NOT_ALLOWED]);
+    let h5 = by_name("model.h5");
+    assert_eq!((h5.format, h5.verdict), (Format::Hdf5, Verdict::Clean), "{h5:?}");
+    let lambda = by_name("lambda.h5");
+    assert_eq!(rules(lambda), vec![crate::keras::rule::LAMBDA]);
+}
