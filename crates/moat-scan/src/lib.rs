@@ -16,6 +16,7 @@ pub mod keras;
 pub mod onnx;
 pub mod report;
 pub mod safetensors;
+pub mod sarif;
 pub mod secrets;
 pub mod sniff;
 pub mod template;
