@@ -373,10 +373,18 @@ def _(d):
     write(f"{d}/model.pkl", raw_global("ctypes", "CDLL", ("/tmp/evil.so",)))
 
 
-@case("pkl-expansion-bomb", True, "pickle", "memo/DUP expansion bomb (billion laughs)")
+@case("pkl-memo-overwrite", True, "pickle", "memo slot overwritten: 'collections' is replaced by 'os' before STACK_GLOBAL reads it")
 def _(d):
-    body = b"\x80\x02]\x94" + b"(h\x00h\x00h\x00h\x00h\x00h\x00h\x00h\x00h\x00h\x00l\x94" * 40
-    write(f"{d}/model.pkl", body + b"\x94" * 100000 + b".")
+    data = (
+        b"\x80\x04"
+        + sbu("collections") + b"\x94"  # memo 0 = 'collections'
+        + sbu("system") + b"\x94"  # memo 1 = 'system'
+        + sbu("os") + b"q\x00"  # BINPUT 0: memo 0 = 'os'
+        + b"0"  # POP
+        + b"h\x00h\x01\x93"  # STACK_GLOBAL(memo 0, memo 1)
+        + sbu("id") + b"\x85R."
+    )
+    write(f"{d}/model.pkl", data)
 
 
 @case("pkl-frame-lie", True, "pickle", "FRAME declaring more bytes than the file holds, hiding a payload")

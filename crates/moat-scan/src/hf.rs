@@ -6,10 +6,14 @@
 //! `tokenizer_config.json`. moat never enables remote code, but a folder that
 //! asks for it is refused anyway: it will not behave as its author intended,
 //! and someone downstream may load it with a less careful tool.
+//!
+//! Chat templates (`chat_template` in `tokenizer_config.json`, `*.jinja`
+//! files) are code for a Jinja renderer and go through [`crate::template`].
 
 use serde_json::Value;
 
 use crate::report::{Finding, Severity, printable};
+use crate::template;
 
 /// Stable rule ids.
 pub mod rule {
@@ -20,6 +24,9 @@ pub mod rule {
 
 /// The key transformers follows to import classes from files in the folder.
 const AUTO_MAP: &str = "auto_map";
+
+/// The key transformers reads the chat template from.
+const CHAT_TEMPLATE: &str = "chat_template";
 
 /// The file name part of a `/`-separated relative path.
 fn base_name(rel: &str) -> &str {
@@ -77,20 +84,78 @@ pub fn check_config(rel: &str, content: Option<&[u8]>) -> Vec<Finding> {
     };
     let mut paths = Vec::new();
     find_auto_map(&value, "", &mut paths);
-    paths
-        .into_iter()
-        .map(|path| {
-            Finding::new(
-                rule::REMOTE_CODE,
-                Severity::Critical,
-                format!(
-                    "{name} sets {AUTO_MAP}: transformers would import code from the model \
+    let mut findings = chat_templates(rel, &value);
+    findings.extend(paths.into_iter().map(|path| {
+        Finding::new(
+            rule::REMOTE_CODE,
+            Severity::Critical,
+            format!(
+                "{name} sets {AUTO_MAP}: transformers would import code from the model \
                      folder (trust_remote_code); moat refuses remote code"
-                ),
-                format!("key {path}"),
-            )
-        })
-        .collect()
+            ),
+            format!("key {path}"),
+        )
+    }));
+    findings
+}
+
+/// `chat_template` in `tokenizer_config.json`: a string, or a list of
+/// `{"name", "template"}` (named templates such as `tool_use`). Each goes
+/// through the template check; any other shape is a finding, since
+/// transformers would fail or pick something unchecked.
+fn chat_templates(rel: &str, value: &Value) -> Vec<Finding> {
+    if !base_name(rel).eq_ignore_ascii_case("tokenizer_config.json") {
+        return Vec::new();
+    }
+    let Some(t) = value.get(CHAT_TEMPLATE) else {
+        return Vec::new();
+    };
+    let bad_shape = |location: String| {
+        vec![Finding::new(
+            rule::CONFIG_JSON,
+            Severity::High,
+            format!("{CHAT_TEMPLATE} must be a string or a list of {{name, template}} objects"),
+            location,
+        )]
+    };
+    match t {
+        Value::Null => Vec::new(),
+        Value::String(s) => template::check(s, &format!("key {CHAT_TEMPLATE}")),
+        Value::Array(items) => {
+            let mut findings = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let name = item.get("name").and_then(Value::as_str).unwrap_or("");
+                match item.get("template") {
+                    Some(Value::String(s)) => findings.extend(template::check(
+                        s,
+                        &format!("key {CHAT_TEMPLATE}[{i}] ({})", crate::report::quote(name)),
+                    )),
+                    _ => findings.extend(bad_shape(format!("key {CHAT_TEMPLATE}[{i}]"))),
+                }
+            }
+            findings
+        }
+        _ => bad_shape(format!("key {CHAT_TEMPLATE}")),
+    }
+}
+
+/// A standalone Jinja template file (`chat_template.jinja`, which
+/// transformers reads beside `tokenizer_config.json`).
+pub fn is_template_file(rel: &str) -> bool {
+    base_name(rel).to_ascii_lowercase().ends_with(".jinja")
+}
+
+/// Checks a template file's content (`None`: too large to have been read).
+pub fn check_template_file(content: Option<&[u8]>) -> Vec<Finding> {
+    match content.map(std::str::from_utf8) {
+        Some(Ok(s)) => template::check(s, "template"),
+        _ => vec![Finding::new(
+            template::rule::PARSE,
+            Severity::High,
+            "the template file is not UTF-8 text small enough to check",
+            "",
+        )],
+    }
 }
 
 /// A config file whose bytes are some other format entirely (a pickle named

@@ -3,19 +3,27 @@
 //!
 //! Every file is sniffed by content ([`sniff`]), then judged by the policy
 //! for its format: safetensors is validated strictly ([`safetensors`]); JSON
-//! and text pass unless a Hugging Face rule fires ([`hf`]); pickles go
-//! through a non-executing VM judged by an allowlist ([`pickle`]); archives
-//! and numpy files are opened as their loaders open them and their members
-//! routed by content ([`container`]); formats without an analyser yet (GGUF
-//! for now, and any unrecognised binary) are refused.
+//! and text pass unless a Hugging Face, secret or template rule fires
+//! ([`hf`], [`secrets`], [`template`]); pickles go through a non-executing VM
+//! judged by an allowlist ([`pickle`]); archives and numpy files are opened
+//! as their loaders open them and their members routed by content
+//! ([`container`]); GGUF headers are validated strictly and their chat
+//! templates checked ([`gguf`]); Keras configs ([`keras`]) and ONNX external
+//! data ([`onnx`]) are checked; any unrecognised binary is refused.
 //! Deny by default: what cannot be shown safe is unsafe.
 
 pub mod container;
+pub mod gguf;
 pub mod hf;
+pub mod keras;
+pub mod onnx;
 pub mod pickle;
 pub mod report;
 pub mod safetensors;
+pub mod sarif;
+pub mod secrets;
 pub mod sniff;
+pub mod template;
 
 use std::fs::{self, File};
 use std::io;
@@ -59,7 +67,75 @@ pub fn scan_paths(paths: &[PathBuf]) -> Report {
             }),
         }
     }
-    Report::from_files(run_jobs(jobs))
+    let paths: Vec<Option<PathBuf>> = jobs
+        .iter()
+        .map(|j| match j {
+            Job::Scan { path, .. } => Some(path.clone()),
+            Job::Failed { .. } => None,
+        })
+        .collect();
+    let mut files = run_jobs(jobs);
+    allow_onnx_external_data(&mut files, &paths);
+    Report::from_files(files)
+}
+
+/// The folder-level pass for ONNX external data: a file that a clean ONNX
+/// model in the same scan names as external data is raw tensor bytes that
+/// onnx reads with `numpy.frombuffer`, never code, so it is allowed even
+/// though its bytes have no recognisable format. Nothing else is: the file
+/// must have been refused *only* for being unrecognised binary, and the
+/// location must have passed the model's own path checks.
+fn allow_onnx_external_data(files: &mut [FileReport], paths: &[Option<PathBuf>]) {
+    let mut referenced = std::collections::HashSet::new();
+    for (file, path) in files.iter().zip(paths) {
+        let Some(path) = path else { continue };
+        if file.format != Format::Onnx || file.verdict != Verdict::Clean {
+            continue;
+        }
+        let Ok(handle) = File::open(path) else { continue };
+        let Ok((_, locations)) = onnx::check_with_references(handle, path.parent()) else {
+            continue;
+        };
+        let dir = file.path.rsplit_once('/').map_or("", |(d, _)| d);
+        for loc in locations {
+            let loc = loc.trim_start_matches("./");
+            referenced.insert((
+                if dir.is_empty() {
+                    loc.to_owned()
+                } else {
+                    format!("{dir}/{loc}")
+                },
+                file.path.clone(),
+            ));
+        }
+    }
+    if referenced.is_empty() {
+        return;
+    }
+    for file in files.iter_mut() {
+        let only_unrecognised = file.format == Format::Unknown
+            && !file.findings.is_empty()
+            && file.findings.iter().all(|f| f.rule == rule::FORMAT_NOT_ALLOWED);
+        if !only_unrecognised {
+            continue;
+        }
+        if let Some((_, model)) = referenced.iter().find(|(rel, _)| *rel == file.path) {
+            *file = FileReport::new(
+                file.path.clone(),
+                Format::Unknown,
+                vec![Finding::new(
+                    onnx::rule::EXTERNAL_FILE,
+                    Severity::Low,
+                    format!(
+                        "raw tensor bytes that the ONNX model {} loads as external data; onnx \
+                         reads them as numbers, never as code",
+                        report::quote(model)
+                    ),
+                    "",
+                )],
+            );
+        }
+    }
 }
 
 /// Scan one file; `rel` is the name used in the report and for name-based
@@ -111,7 +187,7 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
     // The name is only a hint in one direction: a file that claims to be
     // safetensors is held to that claim, whatever its bytes look like.
     let claims_safetensors = rel.to_ascii_lowercase().ends_with(".safetensors");
-    let (format, content) = if claims_safetensors {
+    let (mut format, content) = if claims_safetensors {
         (Format::Safetensors, None)
     } else {
         let sniffed = File::open(path).and_then(|mut f| sniff::sniff_reader(&mut f));
@@ -138,14 +214,46 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
                 }
             }
         }
-        Format::Json | Format::Text => {}
-        Format::Gguf => findings.push(Finding::new(
-            rule::FORMAT_NOT_ALLOWED,
-            Severity::High,
-            "GGUF file: GGUF analysis (metadata and chat template checks) is not yet \
-             available, so it is refused; use safetensors weights or exclude the file",
-            "",
-        )),
+        Format::Json | Format::Text => {
+            // Oversized text (content None) is not searched for secrets.
+            if let Some(content) = &content {
+                findings.extend(secrets::scan_text(content));
+            }
+            if hf::is_template_file(rel) {
+                findings.extend(hf::check_template_file(content.as_deref()));
+            }
+        }
+        Format::Gguf => match gguf::check_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(found) => {
+                findings.extend(found);
+                return FileReport::failed(rel, format, findings);
+            }
+        },
+        Format::Onnx => match onnx::check_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(onnx::NotOnnx::Io(e)) => return io_failure(rel, format, findings, "read", &e),
+            Err(not_onnx) => {
+                // It only looked like ONNX: judge it as the binary it is.
+                format = Format::Unknown;
+                findings.push(Finding::new(
+                    rule::FORMAT_NOT_ALLOWED,
+                    Severity::High,
+                    format!(
+                        "{} (it is not a well-formed ONNX model: {not_onnx})",
+                        not_allowed_message(format)
+                    ),
+                    "",
+                ));
+            }
+        },
+        Format::Hdf5 => match keras::check_hdf5_file(path) {
+            Ok(found) => findings.extend(found),
+            Err(found) => {
+                findings.extend(found);
+                return FileReport::failed(rel, format, findings);
+            }
+        },
         Format::Pickle
         | Format::Zip
         | Format::Gzip
@@ -180,11 +288,15 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
 }
 
 fn not_allowed_message(format: Format) -> String {
-    let what = match format {
-        Format::Gguf => "GGUF analysis is not yet available",
-        _ => "unrecognised binary data cannot be proven safe",
-    };
-    format!("{what}, so it is refused; convert the weights to safetensors or exclude the file")
+    format!(
+        "{} data cannot be proven safe, so it is refused; convert the weights to safetensors or \
+         exclude the file",
+        if format == Format::Unknown {
+            "unrecognised binary"
+        } else {
+            format.as_str()
+        }
+    )
 }
 
 fn io_failure(

@@ -46,6 +46,10 @@ pub enum Format {
     #[serde(rename = "torch-legacy")]
     TorchLegacy,
     Unknown,
+    /// ONNX protobuf (only after a full successful walk; see [`crate::onnx`]).
+    Onnx,
+    /// HDF5 (legacy Keras `.h5`).
+    Hdf5,
 }
 
 impl Format {
@@ -64,6 +68,8 @@ impl Format {
             Format::SevenZip => "7z",
             Format::TorchLegacy => "torch-legacy",
             Format::Unknown => "unknown",
+            Format::Onnx => "onnx",
+            Format::Hdf5 => "hdf5",
         }
     }
 }
@@ -100,7 +106,12 @@ pub fn sniff_magic(head: &[u8]) -> Option<Format> {
         [b'G', b'G', b'U', b'F', ..] => Some(Format::Gguf),
         [0x93, b'N', b'U', b'M', b'P', b'Y', ..] => Some(Format::Numpy),
         [b'7', b'z', 0xbc, 0xaf, 0x27, 0x1c, ..] => Some(Format::SevenZip),
+        // HDF5 at offset 0; user-block offsets are checked on the content.
+        [0x89, b'H', b'D', b'F', b'\r', b'\n', 0x1a, b'\n', ..] => Some(Format::Hdf5),
         _ if crate::container::tar::looks_like_tar(head) => Some(Format::Tar),
+        // A candidate only: the scan walks the whole protobuf and treats
+        // the file as unknown binary if the walk fails.
+        _ if crate::onnx::looks_like_onnx(head) => Some(Format::Onnx),
         _ if crate::container::compress::looks_like_zlib(head) => Some(Format::Zlib),
         _ => None,
     }
@@ -114,6 +125,9 @@ fn looks_like_safetensors(head: &[u8]) -> bool {
 pub fn sniff_bytes(data: &[u8]) -> Format {
     if let Some(format) = sniff_magic(data) {
         return format;
+    }
+    if crate::keras::is_hdf5(data) {
+        return Format::Hdf5;
     }
     if data.len() as u64 <= MAX_CONTENT_LEN && is_json(data) {
         return Format::Json;
@@ -163,6 +177,12 @@ pub fn sniff_reader<R: Read>(reader: &mut R) -> io::Result<Sniffed> {
         });
     }
 
+    if crate::keras::is_hdf5(&content) {
+        return Ok(Sniffed {
+            format: Format::Hdf5,
+            content: None,
+        });
+    }
     // Oversized: never JSON. A pickle is recognised from its first opcodes;
     // text must be valid UTF-8 without NUL all the way to the end.
     let window = content.get(..PICKLE_WINDOW).unwrap_or(&content);

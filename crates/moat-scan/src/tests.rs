@@ -124,7 +124,7 @@ fn broken_config_json_is_refused() {
 #[test]
 fn executable_formats_are_analysed_and_broken_ones_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, &[u8], Format, Option<&str>); 8] = [
+    let cases: [(&str, &[u8], Format, Option<&str>); 7] = [
         // A harmless pickle (an empty dict) passes the VM.
         ("pytorch_model.bin", b"\x80\x02}q\x00.", Format::Pickle, None),
         (
@@ -150,12 +150,6 @@ fn executable_formats_are_analysed_and_broken_ones_refused() {
             b"7z\xbc\xaf\x27\x1c\x00\x04",
             Format::SevenZip,
             Some(container::rule::SEVEN_ZIP),
-        ),
-        (
-            "model.gguf",
-            b"GGUF\x03\x00\x00\x00",
-            Format::Gguf,
-            Some(rule::FORMAT_NOT_ALLOWED),
         ),
         (
             "blob",
@@ -184,9 +178,6 @@ fn executable_formats_are_analysed_and_broken_ones_refused() {
                 assert_eq!(rules(&file).first(), Some(&first), "{name}: {:?}", file.findings);
                 assert!(file.findings[0].severity >= Severity::High);
             }
-        }
-        if format == Format::Gguf {
-            assert!(file.findings[0].message.contains("not yet available"));
         }
     }
 }
@@ -305,4 +296,96 @@ fn empty_folder_gives_an_empty_report() {
         report.to_json(),
         r#"{"files":[],"summary":{"files":0,"unsafe":0,"errors":0}}"#
     );
+}
+
+#[test]
+fn gguf_files_are_checked_not_refused() {
+    use crate::gguf::tests::{V, benign};
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "good.gguf", &benign().build());
+    let evil = benign().kv(
+        "tokenizer.chat_template.rag",
+        V::Str("{{ cycler.__init__.__globals__.os.popen('id').read() }}".into()),
+    );
+    write(dir.path(), "evil.gguf", &evil.build());
+    write(dir.path(), "short.gguf", b"GGUF\x03\x00\x00\x00");
+    let good = scan_file(&dir.path().join("good.gguf"), "good.gguf");
+    assert_eq!(
+        (good.format, good.verdict),
+        (Format::Gguf, Verdict::Clean),
+        "{good:?}"
+    );
+    let evil = scan_file(&dir.path().join("evil.gguf"), "evil.gguf");
+    assert_eq!(evil.verdict, Verdict::Unsafe);
+    assert!(rules(&evil).contains(&crate::template::rule::DUNDER), "{evil:?}");
+    let short = scan_file(&dir.path().join("short.gguf"), "short.gguf");
+    assert_eq!(short.verdict, Verdict::Unsafe);
+    assert_eq!(rules(&short), vec![crate::gguf::rule::TRUNCATED]);
+    assert_eq!(short.findings[0].severity, Severity::Critical);
+}
+
+#[test]
+fn secrets_and_template_files_in_a_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = format!("hf_{}", "Ab1".repeat(12));
+    write(
+        dir.path(),
+        "README.md",
+        format!("# model\nuse token {token}\n").as_bytes(),
+    );
+    write(
+        dir.path(),
+        "chat_template.jinja",
+        b"{{ joiner.__init__.__globals__ }}",
+    );
+    write(dir.path(), "notes.txt", b"no secrets here, hf_short\n");
+    let report = scan_paths(&[dir.path().to_path_buf()]);
+    let by_name = |n: &str| report.files.iter().find(|f| f.path == n).expect(n);
+    let readme = by_name("README.md");
+    assert_eq!(readme.verdict, Verdict::Unsafe);
+    assert_eq!(rules(readme), vec![crate::secrets::rule::HUGGINGFACE_TOKEN]);
+    assert_eq!(readme.findings[0].location, "line 2 column 11");
+    assert!(!report.to_json().contains(&token));
+    let template = by_name("chat_template.jinja");
+    assert_eq!(template.verdict, Verdict::Unsafe);
+    assert!(rules(template).contains(&crate::template::rule::DUNDER));
+    assert_eq!(by_name("notes.txt").verdict, Verdict::Clean);
+}
+
+#[test]
+fn onnx_and_hdf5_files_are_checked() {
+    use crate::keras::tests::{KERAS2_BENIGN, fake_h5};
+    use crate::onnx::tests::{graph_with_initializer, model, tensor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "w.bin", b"\0\0\0\0\0\0\0\0");
+    let good = model(&graph_with_initializer(&tensor("w", Some("w.bin"))), &[]);
+    write(dir.path(), "good.onnx", &good);
+    let evil = model(
+        &graph_with_initializer(&tensor("w", Some("../../etc/passwd"))),
+        &[],
+    );
+    write(dir.path(), "evil.onnx", &evil);
+    // Looks like ONNX for a few bytes, is not.
+    write(dir.path(), "fake.onnx", b"\x08\x07\x3a\xff\xff\xff\xff\x0f");
+    write(dir.path(), "model.h5", &fake_h5(KERAS2_BENIGN));
+    let lambda = r#"{"class_name": "Lambda", "config": {"function": ["4wEA", null, null]}}"#;
+    write(dir.path(), "lambda.h5", &fake_h5(lambda));
+    let report = scan_paths(&[dir.path().to_path_buf()]);
+    let by_name = |n: &str| report.files.iter().find(|f| f.path == n).expect(n);
+    let good = by_name("good.onnx");
+    assert_eq!(
+        (good.format, good.verdict),
+        (Format::Onnx, Verdict::Clean),
+        "{good:?}"
+    );
+    let evil = by_name("evil.onnx");
+    assert_eq!((evil.format, evil.verdict), (Format::Onnx, Verdict::Unsafe));
+    assert_eq!(rules(evil), vec![crate::onnx::rule::EXTERNAL_DATA]);
+    let fake = by_name("fake.onnx");
+    assert_eq!((fake.format, fake.verdict), (Format::Unknown, Verdict::Unsafe));
+    assert_eq!(rules(fake), vec![rule::FORMAT_NOT_ALLOWED]);
+    let h5 = by_name("model.h5");
+    assert_eq!((h5.format, h5.verdict), (Format::Hdf5, Verdict::Clean), "{h5:?}");
+    let lambda = by_name("lambda.h5");
+    assert_eq!(rules(lambda), vec![crate::keras::rule::LAMBDA]);
 }

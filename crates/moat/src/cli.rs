@@ -75,7 +75,7 @@ enum Command {
     Scan {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "sarif"])]
         format: String,
     },
     /// Manage API keys and the key-encryption keys of encryption at rest.
@@ -256,10 +256,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let report = moat_scan::scan_paths(&paths);
             print!(
                 "{}",
-                if format == "json" {
-                    report.to_json() + "\n"
-                } else {
-                    report.to_text()
+                match format.as_str() {
+                    "json" => report.to_json() + "\n",
+                    "sarif" => report.to_sarif() + "\n",
+                    _ => report.to_text(),
                 }
             );
             Ok(ExitCode::from(if report.summary.errors > 0 {

@@ -126,7 +126,7 @@ fn symlinks_and_pickles_are_refused() {
         b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.",
     )
     .unwrap();
-    assert_refused(&bad, &store, "pytorch_model.bin", "format.not-allowed");
+    assert_refused(&bad, &store, "pytorch_model.bin", "pickle.import.critical");
 }
 
 #[test]

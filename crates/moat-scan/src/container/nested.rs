@@ -30,10 +30,7 @@ pub(crate) fn analyse_member(member: &str, data: &[u8], depth: usize, ctx: &mut 
 
 /// Formats judged from a member's first bytes, without reading it whole.
 pub(crate) fn partial_ok(format: Format) -> bool {
-    matches!(
-        format,
-        Format::Numpy | Format::Safetensors | Format::Gguf | Format::SevenZip
-    )
+    matches!(format, Format::Numpy | Format::Safetensors | Format::SevenZip)
 }
 
 /// Header-only analysis of a member of `total` bytes whose first bytes are
@@ -115,34 +112,54 @@ pub(crate) fn dispatch(format: Format, member: &str, data: &[u8], depth: usize, 
         Format::Safetensors => safetensors_findings(member, data, data.len() as u64, ctx),
         Format::SevenZip => refuse_7z(member, ctx),
         Format::Json | Format::Text => {
-            if !member.is_empty() {
-                let name = member.rsplit('!').next().unwrap_or(member);
-                if crate::hf::is_config_file(name) {
-                    let found = crate::hf::check_config(name, Some(data));
-                    ctx.sink.extend(found.into_iter().map(|mut f| {
-                        f.location = join(&at_member(member), &f.location);
-                        f
-                    }));
-                }
+            // The same text rules as a top-level file: leaked secrets, HF
+            // config rules (remote code, chat templates), template files.
+            let name = member.rsplit('!').next().unwrap_or(member);
+            let name = name.rsplit('/').next().unwrap_or(name);
+            let mut found = crate::secrets::scan_text(data);
+            if crate::hf::is_config_file(name) {
+                found.extend(crate::hf::check_config(name, Some(data)));
             }
+            if crate::hf::is_template_file(name) {
+                found.extend(crate::hf::check_template_file(Some(data)));
+            }
+            extend_at(member, found, ctx);
         }
-        // Part B's analysers (GGUF and others) are wired in by the
-        // integrator; until then these are refused inside archives.
-        Format::Gguf | Format::Unknown => ctx.push(
-            crate::rule::FORMAT_NOT_ALLOWED,
-            Severity::High,
-            format!(
-                "{} inside an archive is not analysed here, so it cannot be shown safe; \
-                 ship safetensors weights instead",
-                if format == Format::Gguf {
-                    "GGUF data"
-                } else {
-                    "unrecognised binary data"
-                }
-            ),
-            at_member(member),
-        ),
+        Format::Gguf => match crate::gguf::check(std::io::Cursor::new(data)) {
+            Ok((_, found)) => extend_at(member, found, ctx),
+            Err(e) => io_failure(member, &e, ctx),
+        },
+        Format::Hdf5 => match crate::keras::check_hdf5(std::io::Cursor::new(data)) {
+            Ok(found) => extend_at(member, found, ctx),
+            Err(e) => io_failure(member, &e, ctx),
+        },
+        // No folder context inside an archive: external data cannot be
+        // resolved, so any external reference is judged by its location only.
+        Format::Onnx => match crate::onnx::check(std::io::Cursor::new(data), None) {
+            Ok(found) => extend_at(member, found, ctx),
+            Err(e) => unknown_binary(member, &format!(" (not a well-formed ONNX model: {e})"), ctx),
+        },
+        Format::Unknown => unknown_binary(member, "", ctx),
     }
+}
+
+fn unknown_binary(member: &str, detail: &str, ctx: &mut Ctx) {
+    ctx.push(
+        crate::rule::FORMAT_NOT_ALLOWED,
+        Severity::High,
+        format!(
+            "unrecognised binary data inside an archive{detail} cannot be shown safe; ship \
+             safetensors weights instead"
+        ),
+        at_member(member),
+    );
+}
+
+fn extend_at(member: &str, found: Vec<Finding>, ctx: &mut Ctx) {
+    ctx.sink.extend(found.into_iter().map(|mut f| {
+        f.location = join(&at_member(member), &f.location);
+        f
+    }));
 }
 
 fn join(a: &str, b: &str) -> String {
@@ -187,16 +204,8 @@ pub(crate) fn refuse_7z(member: &str, ctx: &mut Ctx) {
     );
 }
 
-/// INTEGRATION POINT (part B): a `.keras` zip's `config.json` goes to
-/// `crate::keras::check_config(json_bytes) -> Vec<Finding>`. That module is
-/// not on this branch, so this placeholder fails closed.
-pub(crate) fn keras_config(_json: &[u8], member: &str, ctx: &mut Ctx) {
-    ctx.push(
-        crate::rule::FORMAT_NOT_ALLOWED,
-        Severity::High,
-        "Keras analysis unavailable: the model config (Lambda layers, module references) \
-         cannot be checked, so the .keras archive is refused"
-            .into(),
-        at_member(member),
-    );
+/// A `.keras` zip's `config.json`: Lambda layers and module references
+/// ([`crate::keras`]).
+pub(crate) fn keras_config(json: &[u8], member: &str, ctx: &mut Ctx) {
+    extend_at(member, crate::keras::check_config(json), ctx);
 }

@@ -452,18 +452,25 @@ fn seven_zip_is_refused() {
 }
 
 #[test]
-fn keras_zip_fails_closed_until_wired() {
-    let z = build_zip(
-        &[
-            m("metadata.json", br#"{"keras_version": "3.0"}"#),
-            m("config.json", br#"{"class_name": "Sequential"}"#),
-        ],
-        b"",
-        b"",
-    );
-    let r = scan_bytes("m.keras", &z);
-    assert_rule(&r, crate::rule::FORMAT_NOT_ALLOWED);
-    assert!(r.findings[0].message.contains("Keras analysis unavailable"));
+fn keras_zip_config_goes_through_the_keras_rules() {
+    let dense = br#"{"module": "keras", "class_name": "Sequential", "config": {"layers": [
+        {"module": "keras.layers", "class_name": "Dense", "config": {"units": 2}}]}}"#;
+    let lambda = br#"{"module": "keras", "class_name": "Sequential", "config": {"layers": [
+        {"module": "keras.layers", "class_name": "Lambda", "config": {"function": "x"}}]}}"#;
+    let keras = |config: &[u8]| {
+        build_zip(
+            &[
+                m("metadata.json", br#"{"keras_version": "3.0"}"#),
+                m("config.json", config),
+            ],
+            b"",
+            b"",
+        )
+    };
+    assert_clean(&scan_bytes("m.keras", &keras(dense)));
+    let r = scan_bytes("m.keras", &keras(lambda));
+    assert_rule(&r, "keras.lambda");
+    assert!(r.findings[0].location.contains("config.json"), "{:?}", r.findings);
 }
 
 #[test]

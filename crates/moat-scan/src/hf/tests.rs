@@ -89,3 +89,53 @@ fn unparsable_config_names_line_and_column() {
     let f = check_config("config.json", None);
     assert_eq!(rules(&f), vec![rule::CONFIG_JSON]);
 }
+
+#[test]
+fn chat_templates_in_tokenizer_config_are_checked() {
+    let evil = r#"{"chat_template": "{{ cycler.__init__.__globals__.os.popen('id').read() }}"}"#;
+    let found = check_config("tokenizer_config.json", Some(evil.as_bytes()));
+    assert!(!found.is_empty());
+    assert!(found.iter().all(|f| f.rule.starts_with("template.")), "{found:?}");
+    assert!(
+        found[0].location.starts_with("key chat_template line 1"),
+        "{}",
+        found[0].location
+    );
+
+    let list = r#"{"chat_template": [{"name": "default", "template": "{{ messages }}"},
+        {"name": "tool_use", "template": "{{ x.__class__ }}"}]}"#;
+    let found = check_config("tokenizer_config.json", Some(list.as_bytes()));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].location.starts_with("key chat_template[1] ('tool_use')"),
+        "{}",
+        found[0].location
+    );
+
+    let bad = r#"{"chat_template": 5}"#;
+    let found = check_config("tokenizer_config.json", Some(bad.as_bytes()));
+    assert_eq!(found[0].rule, rule::CONFIG_JSON);
+
+    let benign = format!(
+        "{{\"chat_template\": {}}}",
+        serde_json::Value::String(include_str!("../template/fixtures/deepseek_r1.jinja").into())
+    );
+    assert_eq!(
+        check_config("tokenizer_config.json", Some(benign.as_bytes())),
+        vec![]
+    );
+    // config.json has no chat template to check.
+    assert_eq!(check_config("config.json", Some(evil.as_bytes())), vec![]);
+}
+
+#[test]
+fn template_files_are_checked() {
+    assert!(is_template_file("sub/chat_template.jinja"));
+    assert!(!is_template_file("README.md"));
+    assert_eq!(check_template_file(Some(b"{{ messages }}")), vec![]);
+    assert_eq!(
+        check_template_file(Some(b"{% include 'x' %}"))[0].rule,
+        template::rule::IMPORT
+    );
+    assert_eq!(check_template_file(None)[0].rule, template::rule::PARSE);
+}

@@ -49,7 +49,17 @@ fn json_text_and_unknown() {
     assert_eq!(sniff_bytes(b""), Format::Text);
     assert_eq!(sniff_bytes(b"hello\0world"), Format::Unknown);
     assert_eq!(sniff_bytes(b"\xff\xfe\x00\x01"), Format::Unknown);
-    assert_eq!(sniff_bytes(b"\x89HDF\r\n\x1a\n"), Format::Unknown);
+    assert_eq!(sniff_bytes(b"\x89HDF\r\n\x1a\n"), Format::Hdf5);
+}
+
+#[test]
+fn hdf5_user_block_and_onnx_candidates() {
+    let mut user_block = vec![0u8; 512];
+    user_block.extend_from_slice(b"\x89HDF\r\n\x1a\n");
+    assert_eq!(sniff_bytes(&user_block), Format::Hdf5);
+    // ir_version 8, then producer_name: an ONNX candidate (the scan decides).
+    assert_eq!(sniff_bytes(b"\x08\x08\x12\x07pytorch"), Format::Onnx);
+    assert_eq!(sniff_bytes(b"\x08\x08hello"), Format::Text);
 }
 
 #[test]
