@@ -53,8 +53,8 @@ export MOAT_MOTO_SERVER="$VENV/bin/moto_server"
 cargo build --workspace --locked
 cargo test --workspace --locked
 
-step "end to end: the official openai SDK, signing interop with model_signing, SARIF schema"
-MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e tests/signing tests/scanner
+step "end to end: the official openai SDK, signing interop with model_signing, the scanner corpus and SARIF schema"
+MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e tests/signing tests/scan
 
 step "fuzz smoke (20 s per target)"
 # cargo-fuzz needs nightly-only compiler flags (sanitizers); RUSTC_BOOTSTRAP
