@@ -327,7 +327,7 @@ fn download_one(
         return Err(refused(
             &job.rel,
             "integrity.truncated",
-            format!("{last} (gave up after {attempts} attempts; the partial file is kept for the next pull)"),
+            format!("{last} (gave up after {attempts} attempts)"),
         ));
     }
     Err(failed(
@@ -437,9 +437,15 @@ fn fetch_into(
         ));
     }
     if let Some(e) = err {
+        // The body stopped short of the size the file must have: a
+        // truncated download (refused once retries run out), whether the
+        // peer closed cleanly or reset.
         return Ok(Attempt::Again {
-            message: format!("connection lost after {have} bytes: {e}", have = *have),
-            truncated: false,
+            message: match expected {
+                Some(t) => format!("truncated: got {have} of {t} bytes ({e})", have = *have),
+                None => format!("connection lost after {have} bytes: {e}", have = *have),
+            },
+            truncated: expected.is_some(),
         });
     }
     if let Some(t) = expected

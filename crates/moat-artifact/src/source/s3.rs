@@ -42,6 +42,17 @@ impl S3Remote {
         policy: Arc<SourcePolicy>,
     ) -> Result<Self, SourceError> {
         let cfg = AwsS3Config::from_env(env)?;
+        if cfg.credentials.is_none() && env.get("MOAT_S3_ANONYMOUS").as_deref() != Some("1") {
+            // Going anonymous silently would turn a broken credential setup
+            // into confusing 403s (or, worse, a pull from a public look-alike).
+            return Err(SourceError::refused(
+                format!("s3://{bucket}/{prefix}"),
+                "source.s3-auth",
+                "no AWS credentials found (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE in the \
+                 shared credentials files, or AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN); for a public \
+                 bucket set MOAT_S3_ANONYMOUS=1",
+            ));
+        }
         let bad = |m: String| SourceError::Remote {
             url: cfg.endpoint.clone(),
             message: m,

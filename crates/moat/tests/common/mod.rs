@@ -299,3 +299,4 @@ pub fn path_str(p: &Path) -> String {
 pub fn model_file(store: &Path, name: &str, rel: &str) -> PathBuf {
     store.join("models").join(name).join("files").join(rel)
 }
+pub mod hub;
