@@ -19,7 +19,19 @@ trap 'kill $moto_pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.2; done
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
 mkdir -p "$WORK/src"
-for i in $(seq 1 "$nfiles"); do head -c "$((mb << 20))" /dev/urandom >"$WORK/src/shard-$i.bin"; done
+# Valid safetensors shards (random F32 data) so the scan passes as it would
+# for a real model.
+"$VENV/bin/python" - "$WORK/src" "$nfiles" "$mb" <<'PY'
+import json, os, struct, sys
+out, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+size = mb << 20
+for i in range(1, n + 1):
+    header = json.dumps({f"w{i}": {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(os.path.join(out, f"model-{i:05d}-of-{n:05d}.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.write(os.urandom(size))
+PY
 "$VENV/bin/python" - "$WORK/src" <<'PY'
 import boto3, os, sys
 s3 = boto3.client("s3")
