@@ -7,6 +7,7 @@
 //! nothing changed on disk after the check can reach the engine.
 
 pub mod crypto;
+pub mod download;
 pub mod hash;
 pub mod lock;
 pub mod name;

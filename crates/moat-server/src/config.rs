@@ -6,6 +6,7 @@
 
 use moat_artifact::name::ModelName;
 use moat_artifact::policy::{PolicyError, SignaturePolicy};
+use moat_artifact::source::policy::{RawSources, SourcePolicy};
 use moat_engine::generate::EngineOptions;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -32,6 +33,10 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub models: Vec<RawModel>,
+    /// `[sources]`: which model sources `moat pull` (and later the
+    /// management API) may reach.
+    #[serde(default)]
+    pub sources: RawSources,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +171,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// `None` when `audit.enabled = false`.
     pub audit: Option<AuditConfig>,
+    /// Allowed model sources (`[sources]`).
+    pub sources: SourcePolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -342,7 +349,12 @@ impl RawConfig {
                 "no models configured: add [[models]] name = \"…\"",
             ));
         }
+        let sources = self
+            .sources
+            .validate("sources")
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(Config {
+            sources,
             home,
             keys_file,
             inference_listen,

@@ -2,8 +2,11 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use moat_artifact::download::{DownloadOptions, ProgressMode};
 use moat_artifact::policy::SignaturePolicy;
 use moat_artifact::pull::{PullOutcome, PullRequest, pull};
+use moat_artifact::source::Env;
+use moat_artifact::source::policy::SourcePolicy;
 use moat_artifact::{Store, verify};
 use moat_engine::demo::{DemoOptions, Preset, WeightDtype, write_demo_model};
 use moat_guard::keys::{KeyStore, Role, parse_duration};
@@ -42,15 +45,39 @@ enum Command {
     Serve(ServeArgs),
     /// Fetch a model, hash, scan and promote it into the trusted store.
     Pull {
-        /// Model source: file://DIR.
+        /// Model source: file://DIR, s3://BUCKET/PREFIX, hf://ORG/REPO,
+        /// https://HOST/…/manifest.json or https://HOST/FILE.
         source: String,
         #[arg(long)]
         name: String,
+        /// hf:// only: branch, tag or commit (default main; with --locked,
+        /// the locked commit).
         #[arg(long)]
         revision: Option<String>,
         /// Replace an existing model of the same name (atomically).
         #[arg(long)]
         replace: bool,
+        /// Only files matching this glob (repeatable; `*` matches `/` too).
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Skip files matching this glob (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Refuse any difference from this lock file (a `moat.lock`):
+        /// missing, extra, resized or re-hashed files.
+        #[arg(long, value_name = "FILE")]
+        locked: Option<PathBuf>,
+        /// Files downloaded in parallel.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Extra attempts per file after a connection error, 5xx or
+        /// truncation (exponential backoff with jitter).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
+        retries: u32,
+        /// Progress output: bars on a terminal, JSON lines on stderr
+        /// otherwise (auto), or none.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "bars", "json", "none"])]
+        progress: String,
         #[command(flatten)]
         signature: SignaturePolicyArgs,
         #[command(flatten)]
@@ -144,7 +171,8 @@ pub struct ServeArgs {
 #[derive(Args)]
 pub struct SignaturePolicyArgs {
     /// Config file whose `[[models]]` entry of the same name gives the
-    /// signature policy.
+    /// signature policy, and whose `[sources]` gives the allowed sources
+    /// (pull).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Require a signature by this EC public key (PEM).
@@ -229,9 +257,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             name,
             revision,
             replace,
+            include,
+            exclude,
+            locked,
+            jobs,
+            retries,
+            progress,
             signature,
             store,
         } => {
+            let policy = match &signature.config {
+                Some(path) => {
+                    let raw = RawConfig::read(path)?;
+                    raw.sources
+                        .validate("sources")
+                        .map_err(|(key, message)| anyhow::anyhow!("{}: {key}: {message}", path.display()))?
+                }
+                None => SourcePolicy::default(),
+            };
+            let locked = match locked {
+                Some(p) => Some(moat_artifact::Lock::read(&p)?),
+                None => None,
+            };
             let signature = signature.policy(&name)?;
             if let Some(p) = &signature {
                 eprintln!("moat: requiring a signature by {} in {}", p.describe(), p.file);
@@ -243,6 +290,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 revision,
                 replace,
                 signature,
+                policy,
+                env: Env::process(),
+                include,
+                exclude,
+                locked,
+                download: DownloadOptions {
+                    jobs: usize::from(jobs),
+                    retries,
+                    progress: match progress.as_str() {
+                        "bars" => ProgressMode::Bars,
+                        "json" => ProgressMode::Json,
+                        "none" => ProgressMode::Quiet,
+                        _ => ProgressMode::Auto,
+                    },
+                    ..DownloadOptions::default()
+                },
             };
             Ok(report_pull(pull(&store, &req)))
         }

@@ -37,6 +37,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
         revision: None,
         replace: false,
         signature: None,
+        ..PullRequest::default()
     };
     let lock = match pull(&store, &req)? {
         PullOutcome::Promoted { lock, .. } | PullOutcome::AlreadyPresent { lock, .. } => lock,

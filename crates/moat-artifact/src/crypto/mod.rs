@@ -69,7 +69,7 @@
 
 pub mod keyring;
 pub mod kms;
-mod sigv4;
+pub(crate) mod sigv4;
 mod stream;
 
 pub use keyring::{KekInfo, KekKind, Keyring, KeyringFile, NewKek};

@@ -1,5 +1,6 @@
-//! AWS Signature Version 4 for the one request shape moat sends: a POST to
-//! the root path, no query string, a JSON body, a handful of headers. Written
+//! AWS Signature Version 4 for the request shapes moat sends: KMS's JSON
+//! POST to the root path, and S3's GETs (an already URI-encoded path, a
+//! canonical query string, `UNSIGNED-PAYLOAD` or the body's hash). Written
 //! here (HMAC-SHA256 from RustCrypto) instead of pulling the AWS SDK; checked
 //! against AWS's published SigV4 test-suite vectors in the tests below.
 
@@ -36,7 +37,7 @@ fn canonical_value(v: &str) -> String {
     v.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn canonical_request(req: &Request<'_>) -> (String, String) {
+fn canonical_request(req: &Request<'_>, query: &str, payload_hash: &str) -> (String, String) {
     let mut headers: Vec<(String, String)> = req
         .headers
         .iter()
@@ -48,7 +49,7 @@ fn canonical_request(req: &Request<'_>) -> (String, String) {
         .map(|(k, _)| k.as_str())
         .collect::<Vec<_>>()
         .join(";");
-    let mut creq = format!("{}\n{}\n\n", req.method, req.path);
+    let mut creq = format!("{}\n{}\n{query}\n", req.method, req.path);
     for (k, v) in &headers {
         creq.push_str(k);
         creq.push(':');
@@ -58,15 +59,31 @@ fn canonical_request(req: &Request<'_>) -> (String, String) {
     creq.push('\n');
     creq.push_str(&signed);
     creq.push('\n');
-    creq.push_str(&hex::encode(Sha256::digest(req.payload)));
+    creq.push_str(payload_hash);
     (creq, signed)
 }
 
-/// The `Authorization` header value for `req`.
+/// The `Authorization` header value for `req` (no query string, the payload
+/// hashed).
 pub(crate) fn authorization(access_key_id: &str, secret_access_key: &str, req: &Request<'_>) -> String {
+    let payload_hash = hex::encode(Sha256::digest(req.payload));
+    authorization_with(access_key_id, secret_access_key, req, "", &payload_hash)
+}
+
+/// The `Authorization` header value for `req` with a canonical query string
+/// (`a=1&b=2`, keys sorted, already URI-encoded) and the payload hash as sent
+/// in `x-amz-content-sha256` (S3 accepts `UNSIGNED-PAYLOAD`). `req.path`
+/// must already be URI-encoded exactly as it goes on the wire.
+pub(crate) fn authorization_with(
+    access_key_id: &str,
+    secret_access_key: &str,
+    req: &Request<'_>,
+    query: &str,
+    payload_hash: &str,
+) -> String {
     let date = req.amz_date.get(..8).unwrap_or(req.amz_date);
     let scope = format!("{date}/{}/{}/aws4_request", req.region, req.service);
-    let (creq, signed_headers) = canonical_request(req);
+    let (creq, signed_headers) = canonical_request(req, query, payload_hash);
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{}\n{scope}\n{}",
         req.amz_date,
@@ -193,6 +210,67 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIDX/20261123/eu-west-1/kms/aws4_request, \
              SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-amz-target, \
              Signature=cec0f9a5803d9b691828d841d0822d2444d6e1ae8b0643af8162f3ac02a791bd"
+        );
+    }
+
+    #[test]
+    fn s3_get_with_range_matches_aws_documentation() {
+        // "Example: GET Object" from the S3 SigV4 header-based auth docs.
+        let date = "20130524T000000Z";
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let auth = authorization_with(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            &Request {
+                method: "GET",
+                path: "/test.txt",
+                headers: &[
+                    ("host", "examplebucket.s3.amazonaws.com"),
+                    ("range", "bytes=0-9"),
+                    ("x-amz-content-sha256", empty),
+                    ("x-amz-date", date),
+                ],
+                payload: b"",
+                amz_date: date,
+                region: "us-east-1",
+                service: "s3",
+            },
+            "",
+            empty,
+        );
+        assert!(
+            auth.ends_with("Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"),
+            "{auth}"
+        );
+    }
+
+    #[test]
+    fn s3_list_objects_query_matches_aws_documentation() {
+        // "Example: GET Bucket (List Objects)" from the same page.
+        let date = "20130524T000000Z";
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let auth = authorization_with(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            &Request {
+                method: "GET",
+                path: "/",
+                headers: &[
+                    ("host", "examplebucket.s3.amazonaws.com"),
+                    ("x-amz-content-sha256", empty),
+                    ("x-amz-date", date),
+                ],
+                payload: b"",
+                amz_date: date,
+                region: "us-east-1",
+                service: "s3",
+            },
+            "max-keys=2&prefix=J",
+            empty,
+        );
+        assert!(
+            auth.ends_with("Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"),
+            "{auth}"
         );
     }
 

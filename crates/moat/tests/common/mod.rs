@@ -15,8 +15,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The binary under test: `$MOAT_TEST_BIN` when set (several worktrees
+/// sharing one target directory overwrite `target/debug/moat`; the
+/// per-package copy in `target/debug/deps` is stable), else Cargo's.
+pub fn moat_bin() -> PathBuf {
+    std::env::var_os("MOAT_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_moat")))
+}
+
 pub fn moat() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
+    let mut c = Command::new(moat_bin());
     c.env_remove("MOAT_HOME").env("MOAT_LOG", "info");
     c
 }
@@ -298,3 +307,4 @@ pub fn active_dir(store: &Path, name: &str) -> PathBuf {
 pub fn model_file(store: &Path, name: &str, rel: &str) -> PathBuf {
     active_dir(store, name).join("files").join(rel)
 }
+pub mod hub;
