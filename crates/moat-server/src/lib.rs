@@ -11,6 +11,7 @@ pub mod state;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
+use crate::metrics::{LoadStage, ModelLoadReport, Plane};
 use crate::middleware::{PublicRoutes, authenticate, request_context, require_admin};
 use crate::state::AppState;
 use axum::Router;
@@ -56,6 +57,8 @@ pub enum ServerError {
 pub struct LoadedModels {
     pub engines: Vec<Engine>,
     pub refused: Vec<(String, String)>,
+    /// How each model's load went, stage by stage, for the metrics.
+    pub reports: Vec<ModelLoadReport>,
 }
 
 /// Re-verify and load every configured model. A model that fails (missing,
@@ -68,27 +71,42 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     })?;
     let mut engines = Vec::new();
     let mut refused = Vec::new();
+    let mut reports = Vec::new();
     for model in &config.models {
         let name = &model.name;
         let dir = store.model_dir(name);
         let started = std::time::Instant::now();
-        let result = rescan(&dir)
+        let mut report = ModelLoadReport::new(name.as_str());
+        let result = report
+            .time(LoadStage::Scan, || rescan(&dir))
             .and_then(|()| {
-                moat_artifact::verify::load_verified(&dir).map_err(|e| format!("verification failed: {e}"))
+                report.time(LoadStage::Verify, || {
+                    moat_artifact::verify::load_verified(&dir)
+                        .map_err(|e| format!("verification failed: {e}"))
+                })
             })
             .and_then(|m| match &model.signature {
                 None => Ok(m),
                 // The lock's digests were just checked against the bytes, so
                 // the signature is checked against them without re-hashing.
-                Some(policy) => policy
-                    .check(m.file(&policy.file), &m.lock().files)
-                    .map(|v| {
-                        tracing::info!(model = %name, signer = %v.signer, "signature verified");
-                        m
-                    })
-                    .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule())),
+                Some(policy) => report.time(LoadStage::Signature, || {
+                    policy
+                        .check(m.file(&policy.file), &m.lock().files)
+                        .map(|v| {
+                            tracing::info!(model = %name, signer = %v.signer, "signature verified");
+                            m
+                        })
+                        .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule()))
+                }),
             })
-            .and_then(|m| Engine::start(m, config.engine.clone()).map_err(|e| e.to_string()));
+            .and_then(|m| {
+                report.time(LoadStage::Engine, || {
+                    Engine::start(m, config.engine.clone()).map_err(|e| e.to_string())
+                })
+            });
+        report.seconds = started.elapsed().as_secs_f64();
+        report.loaded = result.is_ok();
+        reports.push(report);
         match result {
             Ok(engine) => {
                 tracing::info!(
@@ -105,7 +123,11 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
             }
         }
     }
-    Ok(LoadedModels { engines, refused })
+    Ok(LoadedModels {
+        engines,
+        refused,
+        reports,
+    })
 }
 
 /// Scan a stored model again before loading: the lock proves the bytes are
@@ -143,6 +165,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state.metrics.observe_engines(&state.engines);
     // The audit log counts its own failures (including records whose write
     // failed after `submit` returned); the counter mirrors it.
     if let Some(log) = &state.audit {
@@ -187,7 +210,7 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
             authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), Plane::Inference),
             request_context,
         ))
         .with_state(state)
@@ -209,7 +232,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
             authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), Plane::Metrics),
             request_context,
         ))
         .with_state(state)
@@ -305,6 +328,8 @@ pub async fn serve(
         None => None,
         Some(a) => Some(Arc::new(open_audit(a)?)),
     };
+    let metrics = metrics::Metrics::new();
+    metrics.record_model_loads(&models.reports);
     let engines: BTreeMap<String, Arc<Engine>> = models
         .engines
         .into_iter()
@@ -315,7 +340,7 @@ pub async fn serve(
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
         keyring: RwLock::new(Arc::new(keyring)),
-        metrics: metrics::Metrics::new(),
+        metrics,
         request_log,
         public_routes: config.public_routes.clone(),
         max_body_bytes: config.max_body_bytes,
