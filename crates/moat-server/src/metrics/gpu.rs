@@ -82,6 +82,9 @@ mod imp {
         total: Option<f64>,
     }
 
+    /// A gauge family of the GPU scrape: name, help, and its reading.
+    type Series = (&'static str, &'static str, fn(&Reading) -> Option<f64>);
+
     #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
     struct GpuLabels {
         gpu: String,
@@ -104,7 +107,7 @@ mod imp {
                     })
                 })
                 .collect();
-            let series: [(&str, &str, fn(&Reading) -> Option<f64>); 3] = [
+            let series: [Series; 3] = [
                 (
                     "moat_gpu_utilization_ratio",
                     "Fraction of the last sample period in which a kernel ran on the GPU (NVML), 0 to 1",
