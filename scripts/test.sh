@@ -4,6 +4,8 @@
 #     `model-signing` (the reference signer for tests/signing) and moto
 #     (a real KMS API on loopback for the encryption tests);
 #   - redis-server (Debian) for the shared rate-limit tests;
+#   - prometheus and promtool (Debian) for the alert-rule unit tests and the
+#     real-Prometheus scrape test (tests/ops);
 #   - nothing else: all other tests are Rust tests that start the real
 #     `moat` binary (and the servers above) on loopback.
 # The cargo target directory is cached outside the clone so later runs on
@@ -27,6 +29,18 @@ if ! command -v redis-server >/dev/null; then
   fi
 fi
 export MOAT_REQUIRE_REDIS=1
+
+step "system packages for the operations tests (prometheus, promtool)"
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    # Debian starts the service on install; the tests run their own.
+    service prometheus stop >/dev/null 2>&1 || true
+  else
+    echo "prometheus/promtool are missing: install the Debian package prometheus and re-run" >&2
+    exit 1
+  fi
+fi
 
 step "python test environment ($VENV)"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -55,6 +69,13 @@ cargo test --workspace --locked
 
 step "end to end: the official openai SDK, signing interop with model_signing, the scanner corpus and SARIF schema"
 MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e tests/signing tests/scan
+
+step "alert rules: promtool check and unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+
+step "operations: real Prometheus scraping moat, dashboard and docs against a real scrape, Helm chart"
+MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/ops
 
 step "fuzz smoke (20 s per target)"
 # cargo-fuzz needs nightly-only compiler flags (sanitizers); RUSTC_BOOTSTRAP

@@ -16,7 +16,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::qwen2;
 use moat_artifact::VerifiedModel;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -63,6 +65,11 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The worker took the request off the queue and starts the prompt;
+    /// `queue_wait` is how long it waited there (for queue-wait metrics).
+    Started {
+        queue_wait: Duration,
+    },
     /// Generated text: answer text in `content`, DeepSeek-R1 reasoning (the
     /// text inside `<think>…</think>`) in `reasoning`. One is non-empty.
     /// `tokens` counts the completion tokens generated so far, so work a
@@ -90,6 +97,7 @@ struct Shared {
 struct Job {
     req: ValidRequest,
     tx: mpsc::Sender<Event>,
+    enqueued: Instant,
 }
 
 pub struct Engine {
@@ -97,6 +105,9 @@ pub struct Engine {
     revision: String,
     shared: Arc<Shared>,
     queue: SyncSender<Job>,
+    /// Requests accepted into the queue and not yet taken by the worker
+    /// (the running request is not counted).
+    queued: Arc<AtomicUsize>,
     opts: EngineOptions,
 }
 
@@ -121,6 +132,8 @@ impl Engine {
             context,
         });
         let (queue, jobs) = sync_channel::<Job>(opts.queue_capacity);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let mut worker = Worker {
             model: lm,
             shared: shared.clone(),
@@ -133,6 +146,7 @@ impl Engine {
             .spawn(move || {
                 // Ends when every Engine handle (and so the sender) is gone.
                 while let Ok(job) = jobs.recv() {
+                    taken.fetch_sub(1, Ordering::Relaxed);
                     worker.run(job);
                 }
             })
@@ -145,6 +159,7 @@ impl Engine {
             revision,
             shared,
             queue,
+            queued,
             opts,
         })
     }
@@ -159,6 +174,16 @@ impl Engine {
 
     pub fn context_length(&self) -> usize {
         self.shared.context
+    }
+
+    /// Requests waiting for the worker now (not counting the one running).
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// How many requests may wait before new ones are refused.
+    pub fn queue_capacity(&self) -> usize {
+        self.opts.queue_capacity
     }
 
     /// Render, tokenize and check a request against every limit.
@@ -287,17 +312,26 @@ impl Engine {
     /// Queue a validated request; events arrive on the returned channel.
     pub fn submit(&self, req: ValidRequest) -> Result<mpsc::Receiver<Event>, EngineError> {
         let (tx, rx) = mpsc::channel(256);
-        match self.queue.try_send(Job { req, tx }) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(EngineError::Overloaded {
-                model: self.name.clone(),
-                queued: self.opts.queue_capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(EngineError::Inference(format!(
-                "model {} worker stopped",
-                self.name
-            ))),
-        }
+        // Counted before the send so the worker's decrement can never run
+        // first and wrap the counter below zero.
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            req,
+            tx,
+            enqueued: Instant::now(),
+        };
+        self.queue.try_send(job).map(|()| rx).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                TrySendError::Full(_) => EngineError::Overloaded {
+                    model: self.name.clone(),
+                    queued: self.opts.queue_capacity,
+                },
+                TrySendError::Disconnected(_) => {
+                    EngineError::Inference(format!("model {} worker stopped", self.name))
+                }
+            }
+        })
     }
 }
 
@@ -342,6 +376,11 @@ fn send_text(
 
 impl Worker {
     fn run(&mut self, job: Job) {
+        let queue_wait = job.enqueued.elapsed();
+        if send(&job.tx, Event::Started { queue_wait }).is_err() {
+            tracing::info!("request dropped while queued: the client went away");
+            return;
+        }
         match self.generate(&job.req, &job.tx) {
             Ok(Ok(())) => {}
             Ok(Err(Cancelled)) => tracing::info!("generation cancelled: the client went away"),

@@ -67,6 +67,7 @@ fn collect(engine: &Engine, req: ChatRequest) -> (String, String, FinishReason, 
             Event::Done { finish_reason, usage } => {
                 return (content, reasoning, finish_reason, usage.completion_tokens);
             }
+            Event::Started { .. } => {}
             Event::Error(e) => panic!("{e}"),
         }
     }
@@ -165,6 +166,38 @@ fn a_full_queue_is_refused_at_once() {
         }
     }
     assert!(refused, "queue of 1 accepted {} requests", held.len());
+    // The refused request was not counted: one waits, one runs.
+    assert_eq!(engine.queue_depth(), 1);
+    assert_eq!(engine.queue_capacity(), 1);
     // Dropping the receivers cancels the work.
     drop(held);
+}
+
+#[test]
+fn queue_depth_and_wait_are_reported() {
+    let (_t, engine) = engine(|_| {}, EngineOptions::default());
+    assert_eq!(engine.queue_depth(), 0);
+    // The first request occupies the worker; the second waits behind it.
+    let mut first = engine.submit(engine.validate(request(40)).unwrap()).unwrap();
+    let mut second = engine.submit(engine.validate(request(1)).unwrap()).unwrap();
+    let Some(Event::Started { queue_wait: w1 }) = first.blocking_recv() else {
+        panic!("the first event is Started");
+    };
+    // Drain the first to its end, then the second starts.
+    let mut first_took = std::time::Duration::ZERO;
+    let t0 = std::time::Instant::now();
+    while let Some(ev) = first.blocking_recv() {
+        if matches!(ev, Event::Done { .. }) {
+            first_took = t0.elapsed();
+            break;
+        }
+    }
+    let Some(Event::Started { queue_wait: w2 }) = second.blocking_recv() else {
+        panic!("the first event is Started");
+    };
+    // The second waited at least as long as the first ran after we started
+    // timing it (minus scheduling noise), and much longer than the first.
+    assert!(w2 >= first_took / 2, "w2 {w2:?} first ran {first_took:?}");
+    assert!(w2 > w1, "w1 {w1:?} w2 {w2:?}");
+    assert_eq!(engine.queue_depth(), 0);
 }

@@ -13,6 +13,7 @@ pub mod tls;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
+use crate::metrics::{LoadStage, ModelLoadReport, Plane};
 use crate::middleware::{PublicRoutes, authenticate, request_context, require_admin};
 use crate::state::AppState;
 use axum::Router;
@@ -58,6 +59,8 @@ pub enum ServerError {
 pub struct LoadedModels {
     pub engines: Vec<Engine>,
     pub refused: Vec<(String, String)>,
+    /// How each model's load went, stage by stage, for the metrics.
+    pub reports: Vec<ModelLoadReport>,
 }
 
 /// Re-verify and load every configured model. A model that fails (missing,
@@ -70,30 +73,44 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     })?;
     let mut engines = Vec::new();
     let mut refused = Vec::new();
+    let mut reports = Vec::new();
     for model in &config.models {
         let name = &model.name;
         let started = std::time::Instant::now();
+        let mut report = ModelLoadReport::new(name.as_str());
         // The active version's folder, as `models/NAME/current` names it now.
         let result = store
             .model_dir(name)
             .map_err(|e| e.to_string())
-            .and_then(|dir| rescan(&dir).map(|()| dir))
+            .and_then(|dir| report.time(LoadStage::Scan, || rescan(&dir)).map(|()| dir))
             .and_then(|dir| {
-                moat_artifact::verify::load_verified(&dir).map_err(|e| format!("verification failed: {e}"))
+                report.time(LoadStage::Verify, || {
+                    moat_artifact::verify::load_verified(&dir)
+                        .map_err(|e| format!("verification failed: {e}"))
+                })
             })
             .and_then(|m| match &model.signature {
                 None => Ok(m),
                 // The lock's digests were just checked against the bytes, so
                 // the signature is checked against them without re-hashing.
-                Some(policy) => policy
-                    .check(m.file(&policy.file), &m.lock().files)
-                    .map(|v| {
-                        tracing::info!(model = %name, signer = %v.signer, "signature verified");
-                        m
-                    })
-                    .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule())),
+                Some(policy) => report.time(LoadStage::Signature, || {
+                    policy
+                        .check(m.file(&policy.file), &m.lock().files)
+                        .map(|v| {
+                            tracing::info!(model = %name, signer = %v.signer, "signature verified");
+                            m
+                        })
+                        .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule()))
+                }),
             })
-            .and_then(|m| Engine::start(m, config.engine.clone()).map_err(|e| e.to_string()));
+            .and_then(|m| {
+                report.time(LoadStage::Engine, || {
+                    Engine::start(m, config.engine.clone()).map_err(|e| e.to_string())
+                })
+            });
+        report.seconds = started.elapsed().as_secs_f64();
+        report.loaded = result.is_ok();
+        reports.push(report);
         match result {
             Ok(engine) => {
                 tracing::info!(
@@ -110,7 +127,11 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
             }
         }
     }
-    Ok(LoadedModels { engines, refused })
+    Ok(LoadedModels {
+        engines,
+        refused,
+        reports,
+    })
 }
 
 /// Scan a stored model again before loading: the lock proves the bytes are
@@ -148,6 +169,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state.metrics.observe_engines(&state.engines);
     // The audit log counts its own failures (including records whose write
     // failed after `submit` returned); the counter mirrors it.
     if let Some(log) = &state.audit {
@@ -192,7 +214,7 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
             authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), Plane::Inference),
             request_context,
         ))
         .with_state(state)
@@ -214,7 +236,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
             authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), Plane::Metrics),
             request_context,
         ))
         .with_state(state)
@@ -310,6 +332,8 @@ pub async fn serve(
         None => None,
         Some(a) => Some(Arc::new(open_audit(a)?)),
     };
+    let metrics = metrics::Metrics::new();
+    metrics.record_model_loads(&models.reports);
     let engines: BTreeMap<String, Arc<Engine>> = models
         .engines
         .into_iter()
@@ -320,7 +344,7 @@ pub async fn serve(
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
         keyring: RwLock::new(Arc::new(keyring)),
-        metrics: metrics::Metrics::new(),
+        metrics,
         request_log,
         public_routes: config.public_routes.clone(),
         max_body_bytes: config.max_body_bytes,

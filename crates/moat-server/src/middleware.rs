@@ -10,6 +10,7 @@
 //! 3. the handler (which authorizes per model).
 
 use crate::error::{ApiError, ErrorCode};
+use crate::metrics::{Plane, Rejection};
 use crate::state::{AppState, RequestContext};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
@@ -33,7 +34,11 @@ fn new_request_id() -> String {
     hex::encode(b)
 }
 
-pub async fn request_context(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+pub async fn request_context(
+    State((state, plane)): State<(Arc<AppState>, Plane)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let id = new_request_id();
     let route = req
         .extensions()
@@ -45,6 +50,7 @@ pub async fn request_context(State(state): State<Arc<AppState>>, mut req: Reques
         req.method().to_string(),
         req.uri().path().to_owned(),
         route,
+        plane,
     ));
     let client = req
         .extensions()
@@ -107,6 +113,17 @@ pub async fn authenticate(
             next.run(req).await
         }
         Err(e) => {
+            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
+                ctx.set_rejection(Rejection::new(
+                    "auth",
+                    match &e {
+                        AuthError::Missing => "missing_key",
+                        AuthError::Invalid => "invalid_key",
+                        AuthError::Revoked(_) => "revoked_key",
+                        AuthError::Expired(_) => "expired_key",
+                    },
+                ));
+            }
             let msg = match e {
                 AuthError::Invalid => "Incorrect API key provided".to_owned(),
                 other => other.to_string(),
@@ -126,6 +143,11 @@ pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, nex
     }
     match req.extensions().get::<Principal>() {
         Some(p) if p.is_admin() => next.run(req).await,
-        _ => ApiError::forbidden("this route needs an admin key").into_response(),
+        _ => {
+            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
+                ctx.set_rejection(Rejection::new("rbac", "admin_required"));
+            }
+            ApiError::forbidden("this route needs an admin key").into_response()
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! final chunk with `"choices": []` and the usage.
 
 use crate::error::ApiError;
+use crate::metrics::{Rejection, TokenTimer};
 use crate::state::{AppState, RequestContext};
 use axum::Json;
 use axum::body::Bytes;
@@ -98,6 +99,9 @@ pub async fn list_models(
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// A key used outside its `--models` scope.
+const MODEL_SCOPE: Rejection = Rejection::new("rbac", "model_scope");
+
 fn model_object(name: &str, created: u64) -> Value {
     json!({"id": name, "object": "model", "created": created, "owned_by": "moat"})
 }
@@ -105,11 +109,15 @@ fn model_object(name: &str, created: u64) -> Value {
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
     principal: axum::Extension<Principal>,
+    parts: axum::http::request::Parts,
     Path(model): Path<String>,
 ) -> Response {
     if !state.engines.contains_key(&model) {
         ApiError::model_not_found(&model).into_response()
     } else if !principal.may_use_model(&model) {
+        if let Some(ctx) = context(&parts) {
+            ctx.set_rejection(MODEL_SCOPE);
+        }
         // As for chat: a known model outside the key's scope is a 403.
         ApiError::forbidden(format!("this API key may not use model `{model}`")).into_response()
     } else {
@@ -215,6 +223,7 @@ pub async fn chat_completions(
         .filter(|_| principal.may_use_model(&req.model))
         .ok_or_else(|| {
             if state.engines.contains_key(&req.model) {
+                ctx.set_rejection(MODEL_SCOPE);
                 ApiError::forbidden(format!("this API key may not use model `{}`", req.model))
             } else {
                 ApiError::model_not_found(&req.model)
@@ -247,13 +256,22 @@ pub async fn chat_completions(
     let created = unix_now();
     if req.stream == Some(true) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        Ok(stream_response(engine, events, ctx, id, created, include_usage))
+        Ok(stream_response(
+            state,
+            engine,
+            events,
+            ctx,
+            id,
+            created,
+            include_usage,
+        ))
     } else {
-        complete_response(engine, events, ctx, id, created).await
+        complete_response(&state, engine, events, ctx, id, created).await
     }
 }
 
 async fn complete_response(
+    state: &AppState,
     engine: Arc<Engine>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
@@ -262,19 +280,25 @@ async fn complete_response(
 ) -> Result<Response, ApiError> {
     let mut content = String::new();
     let mut reasoning = String::new();
+    let mut timer = TokenTimer::new(ctx.started());
     loop {
         match events.recv().await {
+            Some(Event::Started { queue_wait }) => {
+                state.metrics.observe_queue_wait(engine.name(), queue_wait)
+            }
             Some(Event::Delta {
                 content: c,
                 reasoning: r,
                 tokens,
             }) => {
+                timer.tokens(tokens);
                 ctx.set_completion_tokens(tokens);
                 content.push_str(&c);
                 reasoning.push_str(&r);
             }
             Some(Event::Done { finish_reason, usage }) => {
                 ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
+                timer.finish(&state.metrics, engine.name());
                 let mut message = json!({"role": "assistant", "content": content});
                 if !reasoning.is_empty() {
                     message["reasoning_content"] = Value::String(reasoning);
@@ -308,6 +332,7 @@ fn fingerprint(engine: &Engine) -> String {
 }
 
 fn stream_response(
+    state: Arc<AppState>,
     engine: Arc<Engine>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
@@ -340,13 +365,16 @@ fn stream_response(
             if !send(chunk(json!({"role": "assistant", "content": ""}), None)).await {
                 break 'stream false;
             }
+            let mut timer = TokenTimer::new(ctx.started());
             while let Some(ev) = events.recv().await {
                 match ev {
+                    Event::Started { queue_wait } => state.metrics.observe_queue_wait(&model, queue_wait),
                     Event::Delta {
                         content,
                         reasoning,
                         tokens,
                     } => {
+                        timer.tokens(tokens);
                         ctx.set_completion_tokens(tokens);
                         let delta = if reasoning.is_empty() {
                             json!({"content": content})
@@ -359,6 +387,7 @@ fn stream_response(
                     }
                     Event::Done { finish_reason, usage } => {
                         ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
+                        timer.finish(&state.metrics, &model);
                         if !send(chunk(json!({}), Some(finish_reason))).await {
                             break 'stream false;
                         }

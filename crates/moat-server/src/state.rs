@@ -8,7 +8,7 @@
 //! that is after `[DONE]` (or the client leaving), so the latency and token
 //! counts in the record are the true ones.
 
-use crate::metrics::{Metrics, ModelLabels, RouteLabels};
+use crate::metrics::{Metrics, ModelLabels, Plane, PlaneLabels, Rejection, RequestLabels};
 use moat_audit::{AuditLog, AuditRecord, Outcome, RequestLog, RequestRecord, action, now_rfc3339};
 use moat_engine::Engine;
 use moat_guard::Keyring;
@@ -62,12 +62,16 @@ struct Fields {
     prompt_tokens: u64,
     completion_tokens: u64,
     error: Option<String>,
+    /// Set by the layer that refused the request when it knows more than
+    /// the status says (which auth failure, which permission).
+    rejection: Option<Rejection>,
 }
 
 pub struct RequestContext {
     pub request_id: String,
     method: String,
     path: String,
+    plane: Plane,
     started: Instant,
     state: Arc<AppState>,
     fields: Mutex<Fields>,
@@ -80,11 +84,21 @@ impl RequestContext {
         method: String,
         path: String,
         route: String,
+        plane: Plane,
     ) -> Self {
+        // In flight from here until the context drops (a stream's last byte).
+        state
+            .metrics
+            .in_flight
+            .get_or_create(&PlaneLabels {
+                plane: plane.as_str(),
+            })
+            .inc();
         Self {
             request_id,
             method,
             path,
+            plane,
             started: Instant::now(),
             state,
             fields: Mutex::new(Fields {
@@ -99,6 +113,15 @@ impl RequestContext {
             Ok(mut g) => f(&mut g),
             Err(poison) => f(&mut poison.into_inner()),
         }
+    }
+
+    /// When the first layer saw the request.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn set_rejection(&self, r: Rejection) {
+        self.with(|f| f.rejection = Some(r));
     }
 
     pub fn set_key(&self, key_id: &str) {
@@ -182,12 +205,25 @@ impl Drop for RequestContext {
             f.error.get_or_insert_with(|| "client_disconnected".to_owned());
         }
         let m = &self.state.metrics;
-        let labels = RouteLabels {
+        let labels = RequestLabels {
+            plane: self.plane.as_str(),
             route: f.route.clone(),
             status: f.status,
+            model: f.model.clone().unwrap_or_default(),
         };
         m.requests.get_or_create(&labels).inc();
         m.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        m.in_flight
+            .get_or_create(&PlaneLabels {
+                plane: self.plane.as_str(),
+            })
+            .dec();
+        if let Some(r) = f
+            .rejection
+            .or_else(|| Rejection::from_response(f.status, f.error.as_deref()))
+        {
+            m.reject(r);
+        }
         if let Some(model) = &f.model {
             let l = ModelLabels { model: model.clone() };
             m.prompt_tokens.get_or_create(&l).inc_by(f.prompt_tokens);
