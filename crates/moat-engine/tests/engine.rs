@@ -28,9 +28,7 @@ fn engine(edit: impl FnOnce(&mut serde_json::Value), opts: EngineOptions) -> (te
     let req = PullRequest {
         source: format!("file://{}", src.display()),
         name: "m".into(),
-        revision: None,
-        replace: false,
-        signature: None,
+        ..PullRequest::default()
     };
     pull(&store, &req).unwrap();
     let model = load_verified(&store.model_dir(&ModelName::parse("m").unwrap()).unwrap()).unwrap();
