@@ -456,6 +456,114 @@ fn https_manifest_is_refused_for_private_hosts_by_default() {
     assert_ne!(code(&o), 0);
 }
 
+/// A static file server on loopback (what a manifest's files sit behind):
+/// serves `files` by path, logs every request line, 404 otherwise.
+fn static_server(files: Vec<(String, Vec<u8>)>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            seen.lock().unwrap().push(line.trim_end().to_owned());
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let mut out = stream;
+            match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let _ = write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = out.write_all(body);
+                }
+                None => {
+                    let _ = out.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        }
+    });
+    (base, log)
+}
+
+#[test]
+fn https_manifest_pull_checks_every_file_against_the_manifest() {
+    let t = tmp();
+    let model = t.path().join("model");
+    let o = run(&["demo-model", model.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let mut served = Vec::new();
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(entry.path()).unwrap();
+        entries.push(serde_json::json!({
+            "path": name,
+            "size": bytes.len(),
+            "sha256": sha256_hex(&bytes),
+            "url": format!("blobs/{name}"),
+        }));
+        served.push((format!("/m/blobs/{name}"), bytes));
+    }
+    let manifest = serde_json::json!({ "files": entries }).to_string().into_bytes();
+    // The same manifest with one digest wrong.
+    let mut lying: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    lying["files"][0]["sha256"] = serde_json::json!("0".repeat(64));
+    let lied_about = lying["files"][0]["path"].as_str().unwrap().to_owned();
+    served.push(("/m/manifest.json".into(), manifest));
+    served.push(("/bad/manifest.json".into(), lying.to_string().into_bytes()));
+    for (path, body) in served.clone() {
+        if let Some(rest) = path.strip_prefix("/m/blobs/") {
+            served.push((format!("/bad/blobs/{rest}"), body));
+        }
+    }
+    let (base, log) = static_server(served);
+    let cfg = write_config(
+        t.path(),
+        "[sources]\ndefaults = false\n[[sources.allow]]\nscheme = \"https\"\nhost = \"127.0.0.1\"\nallow_http = true\nallow_private = true\n",
+    );
+    let store = t.path().join("store");
+
+    let url = format!("{base}/m/manifest.json");
+    let o = pull_env(&url, "demo", &store, Some(&cfg), &[], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(promoted(&store, "demo"));
+    let lock = std::fs::read_to_string(active_dir(&store, "demo").join("moat.lock")).unwrap();
+    assert!(lock.contains(&url), "{lock}");
+    assert!(
+        log.lock().unwrap().iter().any(|l| l.starts_with("GET /m/blobs/")),
+        "files were not fetched through the manifest's relative URLs"
+    );
+
+    // A digest that does not match the bytes: refused, naming the file.
+    let o = pull_env(
+        &format!("{base}/bad/manifest.json"),
+        "bad",
+        &store,
+        Some(&cfg),
+        &[],
+        &[],
+    );
+    assert_refused(&o, &lied_about, "integrity");
+    assert!(!promoted(&store, "bad"));
+}
+
 // ---------------------------------------------------------------- S3 (moto)
 
 struct Moto {
