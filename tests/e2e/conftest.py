@@ -8,7 +8,6 @@ record per request.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -17,24 +16,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from moat_bin import moat_binary  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_TIMEOUT_S = 60.0
 
 
-def moat_binary() -> str:
-    explicit = os.environ.get("MOAT_BIN")
-    if explicit:
-        return explicit
-    for candidate in (
-        os.path.join(REPO, "target", "debug", "moat"),
-        os.path.join(REPO, "target", "release", "moat"),
-    ):
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("moat")
-    if found:
-        return found
-    pytest.fail("moat binary not found: set MOAT_BIN or run `cargo build -p moat`")
 
 
 @dataclass

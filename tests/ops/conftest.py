@@ -19,22 +19,12 @@ import urllib.request
 
 import pytest
 
+from moat_bin import moat_binary  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_TIMEOUT_S = 60.0
 
 
-def moat_binary() -> str:
-    explicit = os.environ.get("MOAT_BIN")
-    if explicit:
-        return explicit
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
-    candidate = os.path.join(target, "debug", "moat")
-    if os.access(candidate, os.X_OK):
-        return candidate
-    found = shutil.which("moat")
-    if found:
-        return found
-    pytest.fail("moat binary not found: set MOAT_BIN or run `cargo build -p moat`")
 
 
 def free_port() -> int:

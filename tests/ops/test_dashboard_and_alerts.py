@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from conftest import REPO
+from moat_bin import REPO
 
 NAME = re.compile(r"\b((?:moat|process)_[a-zA-Z0-9_]+)\b")
 

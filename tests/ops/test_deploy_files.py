@@ -12,7 +12,7 @@ import tempfile
 
 import yaml
 
-from conftest import REPO, moat_binary
+from moat_bin import REPO, moat_binary
 
 DEPLOY = os.path.join(REPO, "deploy")
 SECRETISH = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL)", re.I)

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import REPO
+from moat_bin import REPO
 from gotemplate import TemplateError, render
 
 CHART = os.path.join(REPO, "deploy", "helm", "moat")

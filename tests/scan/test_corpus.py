@@ -8,7 +8,6 @@ closed); a benign case must be `clean` in every file.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,18 +19,9 @@ sys.path.insert(0, HERE)
 
 import corpus  # noqa: E402
 
+from moat_bin import moat_binary  # noqa: E402
 
-def moat_binary() -> str:
-    explicit = os.environ.get("MOAT_BIN")
-    if explicit:
-        return explicit
-    for candidate in (os.path.join(REPO, "target", "debug", "moat"), os.path.join(REPO, "target", "release", "moat")):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("moat")
-    if found:
-        return found
-    pytest.fail("moat binary not found: set MOAT_BIN or run `cargo build -p moat`")
+
 
 
 @pytest.fixture(scope="module")

@@ -4,31 +4,18 @@ for clean, unsafe and unreadable files, and keeps the exit codes 0/1/2."""
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 
 import jsonschema
 import pytest
 
+from moat_bin import moat_binary  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCHEMA = os.path.join(REPO, "tests", "fixtures", "sarif-schema-2.1.0.json")
 
 
-def moat_binary() -> str:
-    explicit = os.environ.get("MOAT_BIN")
-    if explicit:
-        return explicit
-    for candidate in (
-        os.path.join(REPO, "target", "debug", "moat"),
-        os.path.join(REPO, "target", "release", "moat"),
-    ):
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("moat")
-    if found:
-        return found
-    pytest.fail("moat binary not found: set MOAT_BIN or run `cargo build -p moat`")
 
 
 @pytest.fixture(scope="module")

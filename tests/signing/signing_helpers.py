@@ -3,7 +3,6 @@ tools, and making EC keys and a small PKI with `cryptography`."""
 
 import datetime
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from moat_bin import moat_binary  # noqa: E402,F401  (re-exported to the signing tests)
+
 REPO = Path(__file__).resolve().parents[2]
 CURVES = {
     "p256": ec.SECP256R1,
@@ -23,17 +24,6 @@ CURVES = {
 CMD_TIMEOUT_S = 120
 
 
-def moat_binary() -> str:
-    explicit = os.environ.get("MOAT_BIN")
-    if explicit:
-        return explicit
-    for candidate in (REPO / "target" / "debug" / "moat", REPO / "target" / "release" / "moat"):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("moat")
-    if found:
-        return found
-    pytest.fail("moat binary not found: set MOAT_BIN or run `cargo build -p moat`")
 
 
 def run(args, cwd=None) -> subprocess.CompletedProcess:
