@@ -48,15 +48,27 @@ EOF
 fi
 bytes=$(du -sb "$big" | cut -f1)
 cat "$big"/* >/dev/null
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-calc() { awk "BEGIN { print $1 }"; }
-timeit() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1 || true; e=$(date +%s.%N); calc "$e - $s"; }
-runs="${RUNS:-3}"
-t_moat=$(for _ in $(seq "$runs"); do timeit "$MOAT" scan "$big"; done | median)
-t_pick=$(for _ in $(seq "$runs"); do timeit "$peers_venv/bin/picklescan" -p "$big"; done | median)
-t_ms=$(for _ in $(seq "$runs"); do timeit "$peers_venv/bin/modelscan" -p "$big"; done | median)
-echo
-echo "2 GB folder ($bytes bytes, page cache warm), median of $runs:"
-printf '| moat scan | %.3f s |\n| picklescan | %.3f s (%.0fx moat) |\n| modelscan | %.3f s (%.0fx moat) |\n' \
-  "$t_moat" "$t_pick" "$(calc "$t_pick / $t_moat")" "$t_ms" "$(calc "$t_ms / $t_moat")"
+# Timed from Python with perf_counter (a shell `date` fork costs as much as
+# moat's whole scan here); median of RUNS (default 20).
+"$test_venv/bin/python" - "$MOAT" "$peers_venv/bin" "$big" "$bytes" "${RUNS:-20}" <<'EOF'
+import statistics, subprocess, sys, time
+moat, peers, big, size, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+def median_ms(cmd):
+    xs = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        xs.append(time.perf_counter() - t0)
+    return statistics.median(xs) * 1000
+t = {
+    "moat scan": median_ms([moat, "scan", big]),
+    "picklescan": median_ms([f"{peers}/picklescan", "-p", big]),
+    "modelscan": median_ms([f"{peers}/modelscan", "-p", big]),
+}
+print(f"\n{size / 1e9:.2f} GB model folder (PyTorch zip checkpoint + HF JSON files), page cache warm, median of {runs}:")
+print("| tool | time | vs moat |")
+print("|---|---|---|")
+for k, v in t.items():
+    print(f"| {k} | {v:.1f} ms | {v / t['moat scan']:.1f}x |")
+EOF
 echo "(scratch folder: $WORK)"

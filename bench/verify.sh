@@ -26,9 +26,11 @@ t_sha=$(for _ in $(seq "$runs"); do timeit sha256sum "${files[@]}"; done | media
 # splice to /dev/null without copying, which is not a read).
 readall() { for f in "$@"; do dd if="$f" of=/dev/null bs=1M status=none; done; }
 t_cat=$(for _ in $(seq "$runs"); do timeit readall "${files[@]}"; done | median)
+t_gcat=$(for _ in $(seq "$runs"); do timeit cat "${files[@]}"; done | median)
 mbps() { printf '%.0f' "$(calc "$bytes / $1 / 1000000")"; }
 echo "files: ${#files[@]}, $bytes bytes ($dtype), $(nproc) cores, median of $runs"
 printf 'moat verify   %6.2f s  %6s MB/s\n' "$t_moat" "$(mbps "$t_moat")"
 printf 'sha256sum     %6.2f s  %6s MB/s   (moat/sha256sum speed-up %.2fx)\n' "$t_sha" "$(mbps "$t_sha")" "$(calc "$t_sha / $t_moat")"
 printf 'dd bs=1M      %6.2f s  %6s MB/s   (one reader; moat at %.0f%% of its speed)\n' "$t_cat" "$(mbps "$t_cat")" "$(calc "100 * $t_cat / $t_moat")"
+printf 'cat >/dev/null %5.2f s  %6s MB/s   (moat at %.0f%% of its speed)\n' "$t_gcat" "$(mbps "$t_gcat")" "$(calc "100 * $t_gcat / $t_moat")"
 echo "(scratch folder: $WORK)"

@@ -105,8 +105,46 @@ fn compiled() -> Option<&'static Compiled> {
     .as_ref()
 }
 
+/// Below this size a text is first checked for the patterns' literal
+/// prefixes: most model text files (configs, `byteorder`, small READMEs)
+/// hold none, and skipping the regex then also skips compiling it, which
+/// costs more than scanning a whole small folder. Above it the regex's own
+/// literal prefilter is the faster single pass.
+const PREFILTER_MAX: usize = 1 << 20;
+
+/// Literal prefixes, one of which every pattern's match contains
+/// (the AWS secret's key name is matched case-insensitively below).
+const NEEDLES: &[&[u8]] = &[
+    b"AKIA",
+    b"ASIA",
+    b"hf_",
+    b"sk-",
+    b"ghp_",
+    b"gho_",
+    b"ghu_",
+    b"ghs_",
+    b"ghr_",
+    b"github_pat_",
+    b"xox",
+    b"PRIVATE KEY",
+];
+
+/// Whether `data` may hold a match: a needle, or `secret` in any case.
+fn may_contain_secret(data: &[u8]) -> bool {
+    if NEEDLES.iter().any(|n| memchr::memmem::find(data, n).is_some()) {
+        return true;
+    }
+    memchr::memchr2_iter(b's', b'S', data).any(|i| {
+        data.get(i..i + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"secret"))
+    })
+}
+
 /// Flags leaked credentials in text (any bytes; invalid UTF-8 is fine).
 pub fn scan_text(data: &[u8]) -> Vec<Finding> {
+    if data.len() <= PREFILTER_MAX && !may_contain_secret(data) {
+        return Vec::new();
+    }
     let Some(c) = compiled() else {
         // The patterns are constants covered by the tests; failing closed
         // here keeps the function total without a panic.
