@@ -455,7 +455,10 @@ mod tests {
         .unwrap();
         assert!(!c.inference_access.allow.allows("127.0.0.1".parse().unwrap()));
         assert!(c.metrics_access.allow.is_unrestricted());
-        assert_eq!(c.limits.header_read_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(
+            c.limits.header_read_timeout,
+            std::time::Duration::from_millis(500)
+        );
         assert_eq!(c.limits.idle_timeout, std::time::Duration::from_secs(5));
         assert_eq!(c.jwt[0].roles.get("ops"), Some(&moat_guard::Role::Admin));
         assert_eq!(c.rate_limits.user.requests_per_minute, Some(60));
@@ -491,24 +494,66 @@ mod tests {
             assert!(err.starts_with(key), "{text:?}: {err}");
         }
         let access_cases = [
-            ("[inference]\nallow_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/8\"]", "inference.allow_cidrs[1]"),
+            (
+                "[inference]\nallow_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+                "inference.allow_cidrs[1]",
+            ),
             ("[metrics.tls]\nkey = \"/k\"", "metrics.tls.cert"),
-            ("[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nmin_version = \"1.1\"", "inference.tls.min_version"),
-            ("[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_auth = \"required\"", "inference.tls.client_ca"),
+            (
+                "[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nmin_version = \"1.1\"",
+                "inference.tls.min_version",
+            ),
+            (
+                "[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_auth = \"required\"",
+                "inference.tls.client_ca",
+            ),
             ("[limits]\nmax_header_bytes = 100", "limits.max_header_bytes"),
-            ("[limits]\nheader_read_timeout = \"soon\"", "limits.header_read_timeout"),
+            (
+                "[limits]\nheader_read_timeout = \"soon\"",
+                "limits.header_read_timeout",
+            ),
             ("[[auth.jwt]]\naudiences = [\"a\"]", "auth.jwt[0].issuer"),
-            ("[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"none\"]", "auth.jwt[0].algorithms[0]"),
-            ("[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]", "auth.jwt[0].jwks_file"),
-            ("[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]", "auth.jwt[0].hs256_secret_file"),
-            ("[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nroles = { x = \"root\" }\nrole_claim = \"r\"", "auth.jwt[0].roles.x"),
-            ("[auth.mtls]\nroles = { \"spiffe://a\" = \"admin\" }", "auth.mtls.roles"),
-            ("[rate_limits]\nrequests_per_minute = 0", "rate_limits.requests_per_minute"),
-            ("[rate_limits.roles.user]\nburst = 0\nrequests_per_minute = 1", "rate_limits.roles.user.burst"),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"none\"]",
+                "auth.jwt[0].algorithms[0]",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]",
+                "auth.jwt[0].jwks_file",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]",
+                "auth.jwt[0].hs256_secret_file",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nroles = { x = \"root\" }\nrole_claim = \"r\"",
+                "auth.jwt[0].roles.x",
+            ),
+            (
+                "[auth.mtls]\nroles = { \"spiffe://a\" = \"admin\" }",
+                "auth.mtls.roles",
+            ),
+            (
+                "[rate_limits]\nrequests_per_minute = 0",
+                "rate_limits.requests_per_minute",
+            ),
+            (
+                "[rate_limits.roles.user]\nburst = 0\nrequests_per_minute = 1",
+                "rate_limits.roles.user.burst",
+            ),
             ("[rate_limits.roles.guest]\nburst = 1", "rate_limits.roles.guest"),
-            ("[rate_limits]\nredis_url = \"http://x:1\"", "rate_limits.redis_url"),
-            ("[rate_limits]\non_redis_error = \"open\"", "rate_limits.on_redis_error"),
-            ("[rate_limits]\ntokens_per_minute = 10\nmax_tokens = 11", "rate_limits.max_tokens"),
+            (
+                "[rate_limits]\nredis_url = \"http://x:1\"",
+                "rate_limits.redis_url",
+            ),
+            (
+                "[rate_limits]\non_redis_error = \"open\"",
+                "rate_limits.on_redis_error",
+            ),
+            (
+                "[rate_limits]\ntokens_per_minute = 10\nmax_tokens = 11",
+                "rate_limits.max_tokens",
+            ),
         ];
         for (text, key) in access_cases {
             let text = format!("{text}\n[[models]]\nname=\"a\"\n");

@@ -32,6 +32,12 @@ pub struct AppState {
     /// cannot be written durably is refused (503).
     pub audit: Option<Arc<AuditLog>>,
     pub audit_fail_closed: bool,
+    /// JWT issuers (`[[auth.jwt]]`), when any are configured.
+    pub jwt: Option<Arc<crate::auth::JwtAuth>>,
+    /// Client-certificate principal → role (`[auth.mtls]`).
+    pub mtls_roles: BTreeMap<String, moat_guard::Role>,
+    /// Longest wait for a response head (`limits.request_timeout`).
+    pub request_timeout: std::time::Duration,
 }
 
 impl AppState {

@@ -146,8 +146,12 @@ fn duration(
     let d = match v {
         None => return Ok(default),
         Some(RawDuration::Seconds(s)) => Duration::from_secs(s),
-        Some(RawDuration::Text(t)) => parse_duration(&t)
-            .ok_or_else(|| invalid(key, format!("{t:?} is not a duration like \"500ms\", \"10s\" or \"5m\"")))?,
+        Some(RawDuration::Text(t)) => parse_duration(&t).ok_or_else(|| {
+            invalid(
+                key,
+                format!("{t:?} is not a duration like \"500ms\", \"10s\" or \"5m\""),
+            )
+        })?,
     };
     if d < range.0 || d > range.1 {
         return Err(invalid(
@@ -295,7 +299,9 @@ impl RawJwtIssuer {
                 "list at least one audience the token's `aud` must contain",
             ));
         }
-        let names = self.algorithms.unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+        let names = self
+            .algorithms
+            .unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
         let mut algorithms = Vec::new();
         for (i, n) in names.iter().enumerate() {
             let a = Algorithm::parse(n).ok_or_else(|| {
@@ -478,12 +484,22 @@ fn positive<T: PartialEq + Default + std::fmt::Display + Copy>(
     }
 }
 
-fn merge(prefix: &str, base: &RawPrincipalLimits, over: &RawPrincipalLimits) -> Result<PrincipalLimits, ConfigError> {
+fn merge(
+    prefix: &str,
+    base: &RawPrincipalLimits,
+    over: &RawPrincipalLimits,
+) -> Result<PrincipalLimits, ConfigError> {
     let k = |name: &str| format!("{prefix}.{name}");
     let l = PrincipalLimits {
-        requests_per_minute: positive(k("requests_per_minute"), over.requests_per_minute.or(base.requests_per_minute))?,
+        requests_per_minute: positive(
+            k("requests_per_minute"),
+            over.requests_per_minute.or(base.requests_per_minute),
+        )?,
         burst: positive(k("burst"), over.burst.or(base.burst))?,
-        tokens_per_minute: positive(k("tokens_per_minute"), over.tokens_per_minute.or(base.tokens_per_minute))?,
+        tokens_per_minute: positive(
+            k("tokens_per_minute"),
+            over.tokens_per_minute.or(base.tokens_per_minute),
+        )?,
         max_concurrent: positive(k("max_concurrent"), over.max_concurrent.or(base.max_concurrent))?,
         max_tokens: positive(k("max_tokens"), over.max_tokens.or(base.max_tokens))?,
         max_n: positive(k("max_n"), over.max_n.or(base.max_n))?,
@@ -513,8 +529,10 @@ impl RawRateLimits {
             .map_err(|e| rename_default(e, over("admin")))?;
         let user = merge("rate_limits.roles.user", &self.defaults, over("user"))
             .map_err(|e| rename_default(e, over("user")))?;
-        let global_requests_per_second =
-            positive("rate_limits.global_requests_per_second".into(), self.global_requests_per_second)?;
+        let global_requests_per_second = positive(
+            "rate_limits.global_requests_per_second".into(),
+            self.global_requests_per_second,
+        )?;
         let redis_addr = match self.redis_url {
             None => None,
             Some(u) => Some(redis_addr(&u).ok_or_else(|| {
@@ -541,7 +559,10 @@ impl RawRateLimits {
             }
         };
         if redis_addr.is_none() && self.on_redis_error.is_some() {
-            return Err(invalid("rate_limits.on_redis_error", "needs rate_limits.redis_url"));
+            return Err(invalid(
+                "rate_limits.on_redis_error",
+                "needs rate_limits.redis_url",
+            ));
         }
         Ok(RateLimitConfig {
             admin,
@@ -569,7 +590,11 @@ fn rename_default(e: ConfigError, over: &RawPrincipalLimits) -> ConfigError {
                 "max_n" => over.max_n.is_some(),
                 _ => true,
             };
-            let key = if overridden { key } else { format!("rate_limits.{name}") };
+            let key = if overridden {
+                key
+            } else {
+                format!("rate_limits.{name}")
+            };
             ConfigError::Invalid { key, message }
         }
         other => other,
@@ -604,7 +629,10 @@ mod tests {
 
     #[test]
     fn redis_urls() {
-        assert_eq!(redis_addr("redis://127.0.0.1:6379").as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(
+            redis_addr("redis://127.0.0.1:6379").as_deref(),
+            Some("127.0.0.1:6379")
+        );
         assert_eq!(redis_addr("redis://h:1/").as_deref(), Some("h:1"));
         assert_eq!(redis_addr("redis://u:p@h:1"), None);
         assert_eq!(redis_addr("rediss://h:1"), None);
