@@ -135,6 +135,19 @@ impl ApiError {
         }
     }
 
+    /// 503: the shared rate limiter did not answer (`on_redis_error = "closed"`).
+    pub fn limiter_unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "rate_limiter_unavailable",
+                message,
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

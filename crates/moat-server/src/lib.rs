@@ -10,13 +10,16 @@ pub mod metrics;
 pub mod middleware;
 pub mod net;
 pub mod openai;
+pub mod ratelimit;
 pub mod state;
 pub mod tls;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
 use crate::metrics::{LoadStage, ModelLoadReport, Plane};
-use crate::middleware::{PublicRoutes, authenticate, request_context, request_timeout, require_admin};
+use crate::middleware::{
+    PublicRoutes, authenticate, rate_limit, request_context, request_timeout, require_admin,
+};
 use crate::state::AppState;
 use crate::tls::Reloadable;
 use axum::Router;
@@ -219,6 +222,7 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
             authenticate,
@@ -244,6 +248,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
@@ -477,7 +482,20 @@ pub async fn serve(
         jwt: jwt.clone(),
         mtls_roles: config.mtls_roles.clone(),
         request_timeout: config.limits.request_timeout,
+        rate: Arc::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
+        default_max_tokens: config.engine.default_max_tokens as u64,
     });
+    {
+        // Forget limiter state that no longer limits anyone.
+        let rate = state.rate.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                rate.sweep();
+            }
+        });
+    }
     if let Some(j) = jwt {
         watch_jwks(j);
     }

@@ -1,13 +1,25 @@
-//! The layers every request passes, outermost first:
+//! The layers every request passes, outermost first. Before any of them,
+//! the accept loop (`listen.rs`) has already applied the network allowlist,
+//! TLS and the connection limits (header bytes, header-read and idle
+//! timeouts).
 //!
 //! 1. [`request_context`]: mints the request id (answered in `x-request-id`
 //!    on every response, errors included) and the [`RequestContext`] that
 //!    records the request when it ends; it sits outermost so that requests
-//!    rejected by any later layer are still recorded and counted.
-//! 2. [`authenticate`]: every route needs a valid key unless it is in the
-//!    plane's public list, so a new route cannot skip authentication by
-//!    being forgotten. The [`Principal`] goes into the request extensions.
-//! 3. the handler (which authorizes per model).
+//!    rejected by any later layer are still recorded, audited and counted.
+//! 2. [`request_timeout`]: the time to the response head is bounded (504).
+//! 3. [`authenticate`]: every route needs a credential (API key, JWT, or a
+//!    mapped client certificate) unless it is in the plane's public list,
+//!    so a new route cannot skip authentication by being forgotten. The
+//!    [`Principal`] goes into the request extensions.
+//! 4. authorize: [`require_admin`] on the metrics plane; per model in the
+//!    inference handlers.
+//! 5. [`rate_limit`]: global cap, per-principal concurrency and
+//!    requests/min; it needs the principal, so it comes after
+//!    authentication (an unauthenticated flood is refused by the cheaper
+//!    checks above, and counted). Token budgets are charged in the chat
+//!    handler, once `max_tokens` is known.
+//! 6. the handler.
 
 use crate::auth::{TokenRefusal, mtls_principal};
 use crate::error::{ApiError, ErrorCode};
@@ -174,6 +186,46 @@ fn key_refusal(e: AuthError) -> Refusal {
         other => other.to_string(),
     };
     Refusal::Unauthenticated(reason, msg)
+}
+
+/// Rate limits (after authentication: the limits are per principal and
+/// per role). Public routes carry no principal and are not limited here;
+/// the global cap applies to authenticated traffic.
+pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        return next.run(req).await;
+    };
+    let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+    match state.rate.admit(&principal).await {
+        Ok(admission) => {
+            if let (Some(ctx), Some(p)) = (&ctx, admission.permit) {
+                ctx.hold_permit(p);
+            }
+            let mut resp = next.run(req).await;
+            for (name, value) in admission.headers {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, v);
+                }
+            }
+            resp
+        }
+        Err(refused) => {
+            if let Some(ctx) = &ctx {
+                ctx.set_rejection(Rejection::new("rate_limit", refused.reason));
+            }
+            refused_response(refused)
+        }
+    }
+}
+
+/// The answer to a request a limit refused: 429 (503 when the limiter
+/// itself is unavailable) with `Retry-After`.
+pub fn refused_response(r: crate::ratelimit::Refused) -> Response {
+    if r.unavailable {
+        ApiError::limiter_unavailable(r.message).into_response()
+    } else {
+        ApiError::rate_limited(r.reason, r.message, r.retry_after).into_response()
+    }
 }
 
 /// Bounds the time to the response head (`limits.request_timeout`): a
