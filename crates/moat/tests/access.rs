@@ -598,3 +598,132 @@ fn a_slowloris_client_is_cut_at_the_header_timeout() {
         "cut after {cut:?}, expected about 1 s"
     );
 }
+
+// ---------------------------------------------------------------- idle timeout
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed() {
+    let (t, store, _, _) = store();
+    let config = format!("{}[limits]\nidle_timeout = \"1s\"\n", base_config(&store));
+    let server = Server::start(t.path(), &config);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tcp.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Nothing more is sent: the server closes the connection after about 1 s.
+    let start = Instant::now();
+    let closed = loop {
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(_) => {}
+        }
+    };
+    assert!(
+        closed >= Duration::from_millis(700) && closed <= Duration::from_millis(3000),
+        "closed after {closed:?}"
+    );
+}
+
+// ---------------------------------------------------------------- JWKS over HTTP
+
+/// Serves `body` to every request on a loopback port; counts requests.
+fn jwks_server(body: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (url, hits)
+}
+
+#[test]
+fn jwks_url_is_fetched_refreshed_on_unknown_kid_at_most_once_and_loopback_needs_opt_in() {
+    let (t, store, _, _) = store();
+    let (url, hits) = jwks_server(json!({"keys": [jwk(1, "k1")]}).to_string());
+    let issuer = |allow: bool| {
+        format!(
+            "{}[[auth.jwt]]\nissuer = \"{ISS}\"\naudiences = [\"moat\"]\nalgorithms = [\"ES256\"]\n\
+             jwks_url = \"{url}\"\nallow_loopback = {allow}\n",
+            base_config(&store)
+        )
+    };
+    // Without the opt-in, a loopback issuer URL stops the start (SSRF).
+    let path = t.path().join("no-loopback.toml");
+    std::fs::write(&path, issuer(false)).unwrap();
+    let o = run(&["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("auth.jwt[0]") && stderr(&o).contains("loopback"), "{}", stderr(&o));
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    let server = Server::start(t.path(), &issuer(true));
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "fetched once at start");
+    let url_models = format!("{}/v1/models", server.base);
+    let good = token(1, json!({"alg": "ES256", "kid": "k1"}), claims(json!({})));
+    assert_eq!(get_full(&url_models, Some(&good)).0, 200);
+    // Unknown kids: one refresh, then no more for a while (rate-limited).
+    for kid in ["x1", "x2", "x3"] {
+        let tok = token(1, json!({"alg": "ES256", "kid": kid}), claims(json!({})));
+        assert_eq!(get_full(&url_models, Some(&tok)).0, 401);
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2, "one refresh for three unknown kids");
+}
+
+// ---------------------------------------------------------------- token budget and caps
+
+#[test]
+fn token_budget_is_reserved_and_refunded_and_role_caps_answer_400() {
+    let t = tmp();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    demo_model(&src, 1);
+    pull_ok(&src, "m", &store);
+    let (_, user) = create_key(&store, "user", None);
+    let config = format!(
+        "home = \"{}\"\n[[models]]\nname = \"m\"\n[rate_limits.roles.user]\ntokens_per_minute = 100\nmax_tokens = 80\nmax_n = 1\n",
+        store.display()
+    );
+    let server = Server::start(t.path(), &config);
+    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 81}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "max_tokens");
+
+    // Temperature 0 is deterministic: learn the start of the answer…
+    let (status, probe) = chat(&server.base, &user, "m", json!({"max_tokens": 20}));
+    assert_eq!(status, 200, "{probe}");
+    let message = &probe["choices"][0]["message"];
+    let text = format!(
+        "{}{}",
+        message["reasoning_content"].as_str().unwrap_or_default(),
+        message["content"].as_str().unwrap_or_default()
+    );
+    let stop: String = text.chars().skip(1).take(3).collect();
+    assert!(!stop.trim().is_empty(), "no text to stop on: {probe}");
+    // …so that this request reserves 60 tokens but stops after a few.
+    let (status, early) = chat(&server.base, &user, "m", json!({"max_tokens": 60, "stop": [stop]}));
+    assert_eq!(status, 200, "{early}");
+    let used = early["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(used < 20, "the stop sequence did not end it early: {early}");
+    // 100 - 20 (probe) - `used` are left only if the unused 60 - `used`
+    // came back; without the refund only 20 would be.
+    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 60}));
+    assert_eq!(status, 200, "unused tokens were not refunded: {body}");
+    // The budget is now spent: a full-size request must wait.
+    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 80}));
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "tokens_per_minute");
+}
