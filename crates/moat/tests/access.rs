@@ -608,7 +608,8 @@ fn an_idle_keep_alive_connection_is_closed() {
     let server = Server::start(t.path(), &config);
     let addr = server.base.trim_start_matches("http://").to_owned();
     let mut tcp = TcpStream::connect(&addr).unwrap();
-    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 4096];
     let n = tcp.read(&mut buf).unwrap();
@@ -665,13 +666,29 @@ fn jwks_url_is_fetched_refreshed_on_unknown_kid_at_most_once_and_loopback_needs_
     // Without the opt-in, a loopback issuer URL stops the start (SSRF).
     let path = t.path().join("no-loopback.toml");
     std::fs::write(&path, issuer(false)).unwrap();
-    let o = run(&["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]);
+    let o = run(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
-    assert!(stderr(&o).contains("auth.jwt[0]") && stderr(&o).contains("loopback"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("auth.jwt[0]") && stderr(&o).contains("loopback"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 
     let server = Server::start(t.path(), &issuer(true));
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "fetched once at start");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "fetched once at start"
+    );
     let url_models = format!("{}/v1/models", server.base);
     let good = token(1, json!({"alg": "ES256", "kid": "k1"}), claims(json!({})));
     assert_eq!(get_full(&url_models, Some(&good)).0, 200);
@@ -680,7 +697,11 @@ fn jwks_url_is_fetched_refreshed_on_unknown_kid_at_most_once_and_loopback_needs_
         let tok = token(1, json!({"alg": "ES256", "kid": kid}), claims(json!({})));
         assert_eq!(get_full(&url_models, Some(&tok)).0, 401);
     }
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2, "one refresh for three unknown kids");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one refresh for three unknown kids"
+    );
 }
 
 // ---------------------------------------------------------------- token budget and caps
@@ -714,7 +735,12 @@ fn token_budget_is_reserved_and_refunded_and_role_caps_answer_400() {
     let stop: String = text.chars().skip(1).take(3).collect();
     assert!(!stop.trim().is_empty(), "no text to stop on: {probe}");
     // …so that this request reserves 60 tokens but stops after a few.
-    let (status, early) = chat(&server.base, &user, "m", json!({"max_tokens": 60, "stop": [stop]}));
+    let (status, early) = chat(
+        &server.base,
+        &user,
+        "m",
+        json!({"max_tokens": 60, "stop": [stop]}),
+    );
     assert_eq!(status, 200, "{early}");
     let used = early["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(used < 20, "the stop sequence did not end it early: {early}");
@@ -726,4 +752,79 @@ fn token_budget_is_reserved_and_refunded_and_role_caps_answer_400() {
     let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 80}));
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "tokens_per_minute");
+}
+
+// ---------------------------------------------------------------- reload, header size
+
+/// The DER of the certificate the server presents.
+fn served_cert(addr: &str, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[test]
+fn certificate_is_reloaded_on_sighup_without_a_restart() {
+    let (t, store, _, _) = store();
+    let pki = Pki::new(t.path());
+    let d = pki.dir.display();
+    let config = format!(
+        "{}[inference.tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\n",
+        base_config(&store)
+    );
+    let server = Server::start(t.path(), &config);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let before = served_cert(&addr, pki.client(false, None));
+    // A new certificate and key from the same CA, then SIGHUP.
+    let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "server-2");
+    let k = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&k, &pki.issuer).unwrap();
+    std::fs::write(pki.dir.join("server.key.new"), k.serialize_pem()).unwrap();
+    std::fs::write(pki.dir.join("server.pem.new"), cert.pem()).unwrap();
+    std::fs::rename(pki.dir.join("server.key.new"), pki.dir.join("server.key")).unwrap();
+    std::fs::rename(pki.dir.join("server.pem.new"), pki.dir.join("server.pem")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(5), || served_cert(
+        &addr,
+        pki.client(false, None)
+    ) != before));
+    assert_eq!(served_cert(&addr, pki.client(false, None)), cert.der().to_vec());
+    assert!(
+        wait_until(Duration::from_secs(2), || server.log_text().contains("SIGHUP")),
+        "{}",
+        server.log_text()
+    );
+    // Still serving HTTP over the new certificate.
+    let ok = https_get(&addr, pki.client(false, None), "/health", None).unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(server.stop(), 0);
+}
+
+#[test]
+fn an_oversized_request_head_is_refused() {
+    let (t, store, _, _) = store();
+    let config = format!("{}[limits]\nmax_header_bytes = 8192\n", base_config(&store));
+    let server = Server::start(t.path(), &config);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    // hyper answers 431 once its buffer is full, then closes; the write
+    // may fail part-way, which is fine.
+    let _ = tcp.write_all(head.as_bytes());
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    // A head within the limit is served.
+    assert_eq!(get_full(&format!("{}/health", server.base), None).0, 200);
 }
