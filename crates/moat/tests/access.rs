@@ -222,8 +222,13 @@ fn tls_minimum_version_and_client_certificates() {
     let resp = https_get(&addr, pki.client(false, Some(other)), "/v1/models", Some(&user)).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 
-    let log = server.log_text();
-    assert!(log.contains("TLS handshake refused"), "{log}");
+    assert!(
+        wait_until(Duration::from_secs(5), || server
+            .log_text()
+            .contains("TLS handshake refused")),
+        "{}",
+        server.log_text()
+    );
     assert_eq!(server.stop(), 0);
 }
 
@@ -246,6 +251,10 @@ fn connection_from_outside_the_allowlist_is_dropped_and_counted() {
         rejections(&metrics_text(&server, &admin), "network", "cidr_denied") >= 1
     });
     assert!(ok, "{}", metrics_text(&server, &admin));
+    // The log line travels through a pipe; give it a moment.
+    wait_until(Duration::from_secs(5), || {
+        server.log_text().contains("outside allow_cidrs")
+    });
     let log = server.log_text();
     let line = log
         .lines()
