@@ -26,6 +26,7 @@ use crate::tls::{Reloadable, principal_from_cert};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -227,11 +228,14 @@ async fn serve_http<I>(
         svc_activity.busy.fetch_add(1, Ordering::Relaxed);
         let busy = Busy(svc_activity.clone());
         let mut router = router.clone();
-        async move {
+        // Boxed so the connection is `Unpin` and can be polled without
+        // shutting the socket down (see `linger`).
+        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let resp = tower::Service::call(&mut router, req.map(axum::body::Body::new)).await;
             drop(busy);
             resp
-        }
+        });
+        fut
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -239,38 +243,74 @@ async fn serve_http<I>(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    let conn = builder.serve_connection(
+    let mut conn = builder.serve_connection(
         TokioIo::new(io),
         hyper_util::service::TowerToHyperService::new(svc),
     );
-    tokio::pin!(conn);
     let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let check_every = (limits.idle_timeout / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval(check_every);
     let mut closing = false;
+    enum Event {
+        Done(hyper::Result<()>),
+        Stop,
+        Tick,
+    }
     loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    // Header timeouts, oversized heads and resets land here;
-                    // hyper has already answered what can be answered.
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        let event = tokio::select! {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => Event::Done(r),
+            _ = stop.wait_for(|v| *v), if !closing => Event::Stop,
+            _ = tick.tick(), if !closing => Event::Tick,
+        };
+        match event {
+            Event::Done(Err(e)) => {
+                // Header timeouts, oversized heads and resets land here;
+                // hyper has already answered what can be answered.
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                return;
+            }
+            Event::Done(Ok(())) => {
+                if !closing {
+                    linger(conn.into_parts().io.into_inner()).await;
                 }
                 return;
             }
-            _ = stop.wait_for(|v| *v), if !closing => {
+            Event::Stop => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
             }
-            _ = tick.tick(), if !closing => {
+            Event::Tick => {
                 let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let quiet = now.saturating_sub(activity.last_ms.load(Ordering::Relaxed));
                 if quiet >= idle_ms && activity.busy.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(peer = %peer, "closing idle connection");
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                 }
             }
         }
     }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Lingering close (as nginx's `lingering_close`): when hyper ends a
+/// connection, the client may still be sending a body nobody read (a 413,
+/// a 401 before the body). Closing a socket with unread data makes the
+/// kernel send a reset, which can destroy the answer before the client
+/// reads it. So: send FIN, then read and discard until the client closes,
+/// for at most [`LINGER`].
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
