@@ -324,8 +324,8 @@ pub struct Bound {
 }
 
 impl Bound {
-    /// The hook that re-reads certificates, keys file and JWKS files now
-    /// (the CLI calls it on SIGHUP).
+    /// The hook that re-reads the TLS certificates now (the CLI calls it on
+    /// SIGHUP; they are also re-read within a second of a change).
     pub fn reload_handle(&self) -> ReloadHandle {
         self.reload.clone()
     }

@@ -256,8 +256,12 @@ pub async fn chat_completions(
             format!("n {n} exceeds this role's limit of {cap}"),
         ));
     }
+    let mut token_headers = None;
     match state.rate.reserve_tokens(&principal, asked).await {
-        Ok(Some(r)) => ctx.hold_reservation(r),
+        Ok(Some(r)) => {
+            token_headers = Some((r.limit(), r.remaining()));
+            ctx.hold_reservation(r);
+        }
         Ok(None) => {}
         Err(refused) => {
             ctx.set_rejection(Rejection::new("rate_limit", refused.reason));
@@ -287,20 +291,18 @@ pub async fn chat_completions(
     ctx.set_tokens(prompt_tokens, 0);
     let id = format!("chatcmpl-{}", ctx.request_id);
     let created = unix_now();
-    if req.stream == Some(true) {
+    let mut resp = if req.stream == Some(true) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        Ok(stream_response(
-            state,
-            engine,
-            events,
-            ctx,
-            id,
-            created,
-            include_usage,
-        ))
+        stream_response(state, engine, events, ctx, id, created, include_usage)
     } else {
-        complete_response(&state, engine, events, ctx, id, created).await
+        complete_response(&state, engine, events, ctx, id, created).await?
+    };
+    if let Some((limit, remaining)) = token_headers {
+        let h = resp.headers_mut();
+        h.insert("x-ratelimit-limit-tokens", limit.into());
+        h.insert("x-ratelimit-remaining-tokens", remaining.into());
     }
+    Ok(resp)
 }
 
 async fn complete_response(

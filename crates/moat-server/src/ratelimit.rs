@@ -47,9 +47,21 @@ pub struct TokenReservation {
     key: String,
     quota: Quota,
     reserved: u64,
+    /// Tokens still available right after this reservation.
+    remaining: u64,
 }
 
 impl TokenReservation {
+    /// The tokens/min limit charged.
+    pub fn limit(&self) -> u64 {
+        self.quota.rate
+    }
+
+    /// Tokens the principal could still reserve right after this one.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
     /// Gives back what was reserved but not generated.
     pub fn settle(self, used: u64) {
         let unused = self.reserved.saturating_sub(used);
@@ -229,11 +241,12 @@ impl RateLimits {
         };
         let key = format!("tok:{}", p.key_id);
         match self.charge(&key, &q, max_tokens).await? {
-            Decision::Allowed { .. } => Ok(Some(TokenReservation {
+            Decision::Allowed { remaining } => Ok(Some(TokenReservation {
                 limits: self.clone(),
                 key,
                 quota: q,
                 reserved: max_tokens,
+                remaining,
             })),
             Decision::Limited { retry_after } => Err(Refused {
                 reason: "tokens_per_minute",

@@ -735,6 +735,24 @@ fn token_budget_is_reserved_and_refunded_and_role_caps_answer_400() {
     // Temperature 0 is deterministic: learn the start of the answer…
     let (status, probe) = chat(&server.base, &user, "m", json!({"max_tokens": 20}));
     assert_eq!(status, 200, "{probe}");
+    let (_, headers, _) = {
+        // The budget headers, on a response of the same shape.
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0});
+        let mut resp = agent()
+            .post(&format!("{}/v1/chat/completions", server.base))
+            .header("Authorization", &format!("Bearer {user}"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        let h = resp.headers().clone();
+        (
+            resp.status().as_u16(),
+            h,
+            resp.body_mut().read_to_string().unwrap(),
+        )
+    };
+    assert_eq!(headers.get("x-ratelimit-limit-tokens").unwrap(), "100");
+    assert!(headers.get("x-ratelimit-remaining-tokens").is_some());
     let message = &probe["choices"][0]["message"];
     let text = format!(
         "{}{}",
@@ -753,8 +771,8 @@ fn token_budget_is_reserved_and_refunded_and_role_caps_answer_400() {
     assert_eq!(status, 200, "{early}");
     let used = early["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(used < 20, "the stop sequence did not end it early: {early}");
-    // 100 - 20 (probe) - `used` are left only if the unused 60 - `used`
-    // came back; without the refund only 20 would be.
+    // 100 - 20 (probe) - 1 - `used` are left only if the unused 60 - `used`
+    // came back; without the refund only 19 would be.
     let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 60}));
     assert_eq!(status, 200, "unused tokens were not refunded: {body}");
     // The budget is now spent: a full-size request must wait.
