@@ -20,7 +20,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
-const PREFIX: &str = "moat_";
+/// Every API key starts with this; any other bearer value is not a key.
+pub const KEY_PREFIX: &str = "moat_";
+const PREFIX: &str = KEY_PREFIX;
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
 const FILE_VERSION: u32 = 1;
@@ -260,16 +262,42 @@ pub enum AuthError {
 }
 
 /// An authenticated caller.
+/// How a principal proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    ApiKey,
+    Jwt,
+    Mtls,
+}
+
+/// Who is calling, whatever the credential: an API key, a JWT subject or a
+/// client certificate. `key_id` is the stable name used in logs, audit
+/// records and rate-limit keys (the key's public id, `jwt:ISSUER#SUB`, or
+/// `mtls:NAME`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub key_id: String,
     pub role: Role,
-    models: Vec<String>,
+    pub kind: PrincipalKind,
+    /// `None`: every model; `Some(list)`: only these (possibly none).
+    models: Option<Vec<String>>,
 }
 
 impl Principal {
+    /// A principal from a credential other than an API key.
+    pub fn new(kind: PrincipalKind, id: String, role: Role, models: Option<Vec<String>>) -> Self {
+        Principal {
+            key_id: id,
+            role,
+            kind,
+            models,
+        }
+    }
+
     pub fn may_use_model(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|m| m == model)
+        self.models
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|m| m == model))
     }
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
@@ -324,7 +352,9 @@ impl Keyring {
         Ok(Principal {
             key_id: rec.id.clone(),
             role: rec.role,
-            models: rec.models.clone(),
+            kind: PrincipalKind::ApiKey,
+            // An empty list in the keys file means every model.
+            models: (!rec.models.is_empty()).then(|| rec.models.clone()),
         })
     }
 }

@@ -8,4 +8,4 @@ pub mod keys;
 pub mod ratelimit;
 pub mod totp;
 
-pub use keys::{AuthError, Keyring, Principal, Role};
+pub use keys::{AuthError, Keyring, Principal, PrincipalKind, Role};

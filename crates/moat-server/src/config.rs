@@ -13,6 +13,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod access;
+pub use access::{
+    JwtIssuerConfig, Limits, OnRedisError, PlaneAccess, PrincipalLimits, RateLimitConfig, RawAuth, RawLimits,
+    RawRateLimits, RawTls,
+};
+
 /// Routes that may be configured public. Everything else always requires a key.
 pub const PUBLIC_ROUTE_CHOICES: &[&str] = &["/health", "/ready"];
 
@@ -37,6 +43,14 @@ pub struct RawConfig {
     /// management API) may reach.
     #[serde(default)]
     pub sources: RawSources,
+    /// `[limits]`: header size and the connection timeouts.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// `[auth]`: JWT issuers and mTLS role mapping (API keys need none).
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub rate_limits: RawRateLimits,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +59,8 @@ pub struct RawInference {
     pub listen: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub public_routes: Option<Vec<String>>,
+    pub allow_cidrs: Option<Vec<String>>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +68,8 @@ pub struct RawInference {
 pub struct RawMetrics {
     pub listen: Option<String>,
     pub public: Option<bool>,
+    pub allow_cidrs: Option<Vec<String>>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +191,14 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Allowed model sources (`[sources]`).
     pub sources: SourcePolicy,
+    /// Network allowlist and TLS of each plane.
+    pub inference_access: PlaneAccess,
+    pub metrics_access: PlaneAccess,
+    pub limits: Limits,
+    pub jwt: Vec<JwtIssuerConfig>,
+    /// Client-certificate principal (SAN URI, DNS, e-mail or CN) → role.
+    pub mtls_roles: std::collections::BTreeMap<String, moat_guard::Role>,
+    pub rate_limits: RateLimitConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -353,7 +379,37 @@ impl RawConfig {
             .sources
             .validate("sources")
             .map_err(|(key, message)| invalid(key, message))?;
+        let inference_access =
+            access::plane_access("inference", self.inference.allow_cidrs, self.inference.tls)?;
+        let metrics_access = access::plane_access("metrics", self.metrics.allow_cidrs, self.metrics.tls)?;
+        let limits = self.limits.validate()?;
+        let mut jwt: Vec<JwtIssuerConfig> = Vec::new();
+        for (i, raw) in self.auth.jwt.into_iter().enumerate() {
+            let prefix = format!("auth.jwt[{i}]");
+            let issuer = raw.validate(&prefix)?;
+            if jwt.iter().any(|j| j.issuer == issuer.issuer) {
+                return Err(invalid(
+                    format!("{prefix}.issuer"),
+                    format!("{:?} is listed twice", issuer.issuer),
+                ));
+            }
+            jwt.push(issuer);
+        }
+        let mtls_roles = self.auth.mtls.validate()?;
+        if !mtls_roles.is_empty() && inference_access.tls.is_none() && metrics_access.tls.is_none() {
+            return Err(invalid(
+                "auth.mtls.roles",
+                "client certificates need TLS with client_auth on a plane",
+            ));
+        }
+        let rate_limits = self.rate_limits.validate()?;
         Ok(Config {
+            inference_access,
+            metrics_access,
+            limits,
+            jwt,
+            mtls_roles,
+            rate_limits,
             sources,
             home,
             keys_file,
@@ -388,6 +444,30 @@ mod tests {
     }
 
     #[test]
+    fn access_settings_parse() {
+        let c = check(
+            "[inference]\nallow_cidrs = [\"10.0.0.0/8\"]\n[limits]\nheader_read_timeout = \"500ms\"\nidle_timeout = 5\n\
+             [[auth.jwt]]\nissuer = \"https://idp\"\naudiences = [\"moat\"]\njwks_file = \"/j.json\"\n\
+             role_claim = \"groups\"\nroles = { ops = \"admin\" }\n\
+             [rate_limits]\nrequests_per_minute = 60\nredis_url = \"redis://127.0.0.1:6379\"\non_redis_error = \"open\"\n\
+             [rate_limits.roles.admin]\nrequests_per_minute = 600\n[[models]]\nname = \"demo\"\n",
+        )
+        .unwrap();
+        assert!(!c.inference_access.allow.allows("127.0.0.1".parse().unwrap()));
+        assert!(c.metrics_access.allow.is_unrestricted());
+        assert_eq!(
+            c.limits.header_read_timeout,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(c.limits.idle_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.jwt[0].roles.get("ops"), Some(&moat_guard::Role::Admin));
+        assert_eq!(c.rate_limits.user.requests_per_minute, Some(60));
+        assert_eq!(c.rate_limits.admin.requests_per_minute, Some(600));
+        assert_eq!(c.rate_limits.redis_addr.as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(c.rate_limits.on_redis_error, OnRedisError::Open);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             (
@@ -411,6 +491,73 @@ mod tests {
         ];
         for (text, key) in cases {
             let err = check(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text:?}: {err}");
+        }
+        let access_cases = [
+            (
+                "[inference]\nallow_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+                "inference.allow_cidrs[1]",
+            ),
+            ("[metrics.tls]\nkey = \"/k\"", "metrics.tls.cert"),
+            (
+                "[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nmin_version = \"1.1\"",
+                "inference.tls.min_version",
+            ),
+            (
+                "[inference.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_auth = \"required\"",
+                "inference.tls.client_ca",
+            ),
+            ("[limits]\nmax_header_bytes = 100", "limits.max_header_bytes"),
+            (
+                "[limits]\nheader_read_timeout = \"soon\"",
+                "limits.header_read_timeout",
+            ),
+            ("[[auth.jwt]]\naudiences = [\"a\"]", "auth.jwt[0].issuer"),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"none\"]",
+                "auth.jwt[0].algorithms[0]",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]",
+                "auth.jwt[0].jwks_file",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]",
+                "auth.jwt[0].hs256_secret_file",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nroles = { x = \"root\" }\nrole_claim = \"r\"",
+                "auth.jwt[0].roles.x",
+            ),
+            (
+                "[auth.mtls]\nroles = { \"spiffe://a\" = \"admin\" }",
+                "auth.mtls.roles",
+            ),
+            (
+                "[rate_limits]\nrequests_per_minute = 0",
+                "rate_limits.requests_per_minute",
+            ),
+            (
+                "[rate_limits.roles.user]\nburst = 0\nrequests_per_minute = 1",
+                "rate_limits.roles.user.burst",
+            ),
+            ("[rate_limits.roles.guest]\nburst = 1", "rate_limits.roles.guest"),
+            (
+                "[rate_limits]\nredis_url = \"http://x:1\"",
+                "rate_limits.redis_url",
+            ),
+            (
+                "[rate_limits]\non_redis_error = \"open\"",
+                "rate_limits.on_redis_error",
+            ),
+            (
+                "[rate_limits]\ntokens_per_minute = 10\nmax_tokens = 11",
+                "rate_limits.max_tokens",
+            ),
+        ];
+        for (text, key) in access_cases {
+            let text = format!("{text}\n[[models]]\nname=\"a\"\n");
+            let err = check(&text).unwrap_err().to_string();
             assert!(err.starts_with(key), "{text:?}: {err}");
         }
         let err = check("[inference]\nlisten2 = 1\n").unwrap_err().to_string();

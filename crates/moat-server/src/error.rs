@@ -117,6 +117,37 @@ impl ApiError {
         }
     }
 
+    /// 504: no response head within `limits.request_timeout`.
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "request_timeout",
+            format!("no response within {limit:?} (limits.request_timeout)"),
+        )
+    }
+
+    /// 429 with `Retry-After` (whole seconds, rounded up, at least 1).
+    pub fn rate_limited(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, message)
+        }
+    }
+
+    /// 503: the shared rate limiter did not answer (`on_redis_error = "closed"`).
+    pub fn limiter_unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "rate_limiter_unavailable",
+                message,
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

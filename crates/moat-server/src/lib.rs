@@ -2,20 +2,26 @@
 //! listener. This crate wires the others together; the rules (what a valid
 //! key is, what a verified model is) live in the crates that own them.
 
+pub mod auth;
 pub mod config;
 pub mod error;
+pub mod listen;
 pub mod metrics;
 pub mod middleware;
 pub mod net;
 pub mod openai;
+pub mod ratelimit;
 pub mod state;
 pub mod tls;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
 use crate::metrics::{LoadStage, ModelLoadReport, Plane};
-use crate::middleware::{PublicRoutes, authenticate, request_context, require_admin};
+use crate::middleware::{
+    PublicRoutes, authenticate, rate_limit, request_context, request_timeout, require_admin,
+};
 use crate::state::AppState;
+use crate::tls::Reloadable;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
@@ -53,6 +59,13 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("audit log {path}: {message}")]
     Audit { path: PathBuf, message: String },
+    #[error("{plane} plane TLS: {source}")]
+    Tls {
+        plane: &'static str,
+        source: crate::tls::TlsError,
+    },
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Models that loaded, and those refused with the reason.
@@ -209,9 +222,14 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
             authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
         ))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), Plane::Inference),
@@ -230,10 +248,15 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
             authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
         ))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), Plane::Metrics),
@@ -276,13 +299,46 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
     });
 }
 
+/// Re-reads changed JWKS files about once a second.
+fn watch_jwks(jwt: Arc<auth::JwtAuth>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let j = jwt.clone();
+            let _ = tokio::task::spawn_blocking(move || j.reload_changed_files()).await;
+        }
+    });
+}
+
 /// Bound listeners, before serving: lets the caller learn the real ports
 /// (when configured as port 0) before anything is served.
 pub struct Bound {
     inference: tokio::net::TcpListener,
     metrics: tokio::net::TcpListener,
+    inference_tls: Option<Arc<Reloadable>>,
+    metrics_tls: Option<Arc<Reloadable>>,
+    reload: ReloadHandle,
     pub inference_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+}
+
+impl Bound {
+    /// The hook that re-reads the TLS certificates now (the CLI calls it on
+    /// SIGHUP; they are also re-read within a second of a change).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+}
+
+/// Asks the running server to re-read its reloadable files at once.
+#[derive(Clone, Default)]
+pub struct ReloadHandle(Arc<tokio::sync::Notify>);
+
+impl ReloadHandle {
+    pub fn reload(&self) {
+        self.0.notify_waiters();
+    }
 }
 
 pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
@@ -291,6 +347,14 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
             .await
             .map_err(|source| ServerError::Bind { plane, addr, source })
     };
+    let tls = |plane, t: &Option<crate::tls::TlsSettings>| match t {
+        None => Ok(None),
+        Some(s) => Reloadable::new(s.clone())
+            .map(|r| Some(Arc::new(r)))
+            .map_err(|source| ServerError::Tls { plane, source }),
+    };
+    let inference_tls = tls("inference", &config.inference_access.tls)?;
+    let metrics_tls = tls("metrics", &config.metrics_access.tls)?;
     let inference = listen("inference", config.inference_listen).await?;
     let metrics = listen("metrics", config.metrics_listen).await?;
     let local = |l: &tokio::net::TcpListener, plane, addr| {
@@ -302,7 +366,61 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
         metrics_addr: local(&metrics, "metrics", config.metrics_listen)?,
         inference,
         metrics,
+        inference_tls,
+        metrics_tls,
+        reload: ReloadHandle::default(),
     })
+}
+
+/// Re-reads TLS files once a second and at once on [`ReloadHandle::reload`].
+/// A file that fails to load is logged; the previous certificate keeps
+/// serving.
+fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>, reload: ReloadHandle) {
+    if tls.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let force = tokio::select! {
+                _ = tick.tick() => false,
+                _ = reload.0.notified() => true,
+            };
+            for (plane, r) in &tls {
+                match r.reload_if_changed(force) {
+                    Ok(true) => tracing::info!(plane, "TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(plane, error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Response headers every plane sends: `nosniff` everywhere (error bodies
+/// are JSON and must never be sniffed as HTML), HSTS on TLS planes. No
+/// `Server` header is ever added, so no version is advertised.
+async fn security_headers(
+    State(tls): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    if tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            header::HeaderValue::from_static("max-age=63072000"),
+        );
+    }
+    h.remove(header::SERVER);
+    resp
 }
 
 /// Serve both planes until `shutdown` resolves; in-flight requests finish.
@@ -332,6 +450,16 @@ pub async fn serve(
         None => None,
         Some(a) => Some(Arc::new(open_audit(a)?)),
     };
+    let jwt = if config.jwt.is_empty() {
+        None
+    } else {
+        let issuers = config.jwt.clone();
+        let loaded = tokio::task::spawn_blocking(move || auth::JwtAuth::load(&issuers))
+            .await
+            .map_err(|e| ServerError::Auth(e.to_string()))?
+            .map_err(ServerError::Auth)?;
+        Some(Arc::new(loaded))
+    };
     let metrics = metrics::Metrics::new();
     metrics.record_model_loads(&models.reports);
     let engines: BTreeMap<String, Arc<Engine>> = models
@@ -351,7 +479,26 @@ pub async fn serve(
         metrics_public: config.metrics_public,
         audit: audit.clone(),
         audit_fail_closed: config.audit.as_ref().is_some_and(|a| a.fail_closed),
+        jwt: jwt.clone(),
+        mtls_roles: config.mtls_roles.clone(),
+        request_timeout: config.limits.request_timeout,
+        rate: Arc::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
+        default_max_tokens: config.engine.default_max_tokens as u64,
     });
+    {
+        // Forget limiter state that no longer limits anyone.
+        let rate = state.rate.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                rate.sweep();
+            }
+        });
+    }
+    if let Some(j) = jwt {
+        watch_jwks(j);
+    }
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
     }
@@ -362,22 +509,49 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    tracing::info!(addr = %bound.inference_addr, "inference plane listening");
-    tracing::info!(addr = %bound.metrics_addr, "metrics plane listening");
-    let inference = axum::serve(
+    watch_tls(
+        [
+            ("inference", bound.inference_tls.clone()),
+            ("metrics", bound.metrics_tls.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(p, t)| t.map(|t| (p, t)))
+        .collect(),
+        bound.reload.clone(),
+    );
+    let plane =
+        |plane, listener, access: &config::PlaneAccess, tls: Option<Arc<Reloadable>>, router: Router| {
+            let secure = tls.is_some();
+            listen::PlaneServer {
+                plane,
+                listener,
+                allow: access.allow.clone(),
+                tls,
+                router: router.layer(axum::middleware::from_fn_with_state(secure, security_headers)),
+                limits: config.limits,
+            }
+        };
+    let scheme = |t: &Option<Arc<Reloadable>>| if t.is_some() { "https" } else { "http" };
+    tracing::info!(scheme = scheme(&bound.inference_tls), addr = %bound.inference_addr, "inference plane listening");
+    tracing::info!(scheme = scheme(&bound.metrics_tls), addr = %bound.metrics_addr, "metrics plane listening");
+    let inference = plane(
+        Plane::Inference,
         bound.inference,
-        inference_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until(stop_rx.clone()));
-    let metrics = axum::serve(
+        &config.inference_access,
+        bound.inference_tls,
+        inference_router(state.clone()),
+    );
+    let metrics_plane = plane(
+        Plane::Metrics,
         bound.metrics,
-        metrics_router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until(stop_rx));
-    let (a, b) = tokio::join!(inference.into_future(), metrics.into_future());
+        &config.metrics_access,
+        bound.metrics_tls,
+        metrics_router(state.clone()),
+    );
+    tokio::join!(
+        inference.run(state.clone(), stop_rx.clone()),
+        metrics_plane.run(state.clone(), stop_rx)
+    );
     // Every request has finished: the stop record, then everything queued
     // is written before exit (records are never lost on SIGTERM).
     if let Some(log) = &audit {
@@ -386,8 +560,6 @@ pub async fn serve(
             tracing::error!(error = %e, "audit log: could not write every record at shutdown");
         }
     }
-    a.map_err(ServerError::Serve)?;
-    b.map_err(ServerError::Serve)?;
     Ok(())
 }
 

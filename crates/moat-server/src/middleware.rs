@@ -1,15 +1,29 @@
-//! The layers every request passes, outermost first:
+//! The layers every request passes, outermost first. Before any of them,
+//! the accept loop (`listen.rs`) has already applied the network allowlist,
+//! TLS and the connection limits (header bytes, header-read and idle
+//! timeouts).
 //!
 //! 1. [`request_context`]: mints the request id (answered in `x-request-id`
 //!    on every response, errors included) and the [`RequestContext`] that
 //!    records the request when it ends; it sits outermost so that requests
-//!    rejected by any later layer are still recorded and counted.
-//! 2. [`authenticate`]: every route needs a valid key unless it is in the
-//!    plane's public list, so a new route cannot skip authentication by
-//!    being forgotten. The [`Principal`] goes into the request extensions.
-//! 3. the handler (which authorizes per model).
+//!    rejected by any later layer are still recorded, audited and counted.
+//! 2. [`request_timeout`]: the time to the response head is bounded (504).
+//! 3. [`authenticate`]: every route needs a credential (API key, JWT, or a
+//!    mapped client certificate) unless it is in the plane's public list,
+//!    so a new route cannot skip authentication by being forgotten. The
+//!    [`Principal`] goes into the request extensions.
+//! 4. authorize: [`require_admin`] on the metrics plane; per model in the
+//!    inference handlers.
+//! 5. [`rate_limit`]: global cap, per-principal concurrency and
+//!    requests/min; it needs the principal, so it comes after
+//!    authentication (an unauthenticated flood is refused by the cheaper
+//!    checks above, and counted). Token budgets are charged in the chat
+//!    handler, once `max_tokens` is known.
+//! 6. the handler.
 
+use crate::auth::{TokenRefusal, mtls_principal};
 use crate::error::{ApiError, ErrorCode};
+use crate::listen::ClientCert;
 use crate::metrics::{Plane, Rejection};
 use crate::state::{AppState, RequestContext};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -104,7 +118,31 @@ pub async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let now = moat_guard::keys::now_unix();
-    match state.keyring().authenticate(header, now) {
+    let bearer = header.and_then(|h| {
+        let (scheme, token) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let result = match (bearer, &state.jwt) {
+        // Not a moat key: a JWT when issuers are configured.
+        (Some(token), Some(jwt)) if !token.starts_with(moat_guard::keys::KEY_PREFIX) => {
+            let token = token.to_owned();
+            jwt.authenticate(&token, now).await.map_err(|r| match r {
+                TokenRefusal::Invalid(e) => Refusal::Unauthenticated(e.reason(), e.to_string()),
+                TokenRefusal::NoGrant { reason, message } => Refusal::Forbidden(reason, message),
+            })
+        }
+        _ if header.is_none() => match req.extensions().get::<ClientCert>().and_then(|c| c.0.clone()) {
+            Some(name) => mtls_principal(&name, &state.mtls_roles).ok_or_else(|| {
+                Refusal::Unauthenticated(
+                    "mtls_unmapped",
+                    format!("client certificate {name:?} is not mapped to a role ([auth.mtls] roles)"),
+                )
+            }),
+            None => Err(key_refusal(AuthError::Missing)),
+        },
+        _ => state.keyring().authenticate(header, now).map_err(key_refusal),
+    };
+    match result {
         Ok(principal) => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_key(&principal.key_id);
@@ -112,27 +150,91 @@ pub async fn authenticate(
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Err(e) => {
-            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
-                ctx.set_rejection(Rejection::new(
-                    "auth",
-                    match &e {
-                        AuthError::Missing => "missing_key",
-                        AuthError::Invalid => "invalid_key",
-                        AuthError::Revoked(_) => "revoked_key",
-                        AuthError::Expired(_) => "expired_key",
-                    },
-                ));
-            }
-            let msg = match e {
-                AuthError::Invalid => "Incorrect API key provided".to_owned(),
-                other => other.to_string(),
+        Err(refusal) => {
+            let (stage, reason, resp) = match refusal {
+                Refusal::Unauthenticated(reason, msg) => {
+                    let mut resp = ApiError::unauthenticated(msg).into_response();
+                    resp.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    ("auth", reason, resp)
+                }
+                Refusal::Forbidden(reason, msg) => ("rbac", reason, ApiError::forbidden(msg).into_response()),
             };
-            let mut resp = ApiError::unauthenticated(msg).into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
+                ctx.set_rejection(Rejection::new(stage, reason));
+            }
             resp
         }
+    }
+}
+
+/// Why authentication refused, with the metrics reason and the message.
+enum Refusal {
+    Unauthenticated(&'static str, String),
+    Forbidden(&'static str, String),
+}
+
+fn key_refusal(e: AuthError) -> Refusal {
+    let reason = match &e {
+        AuthError::Missing => "missing_key",
+        AuthError::Invalid => "invalid_key",
+        AuthError::Revoked(_) => "revoked_key",
+        AuthError::Expired(_) => "expired_key",
+    };
+    let msg = match e {
+        AuthError::Invalid => "Incorrect API key provided".to_owned(),
+        other => other.to_string(),
+    };
+    Refusal::Unauthenticated(reason, msg)
+}
+
+/// Rate limits (after authentication: the limits are per principal and
+/// per role). Public routes carry no principal and are not limited here;
+/// the global cap applies to authenticated traffic.
+pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        return next.run(req).await;
+    };
+    let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+    match state.rate.admit(&principal).await {
+        Ok(admission) => {
+            if let (Some(ctx), Some(p)) = (&ctx, admission.permit) {
+                ctx.hold_permit(p);
+            }
+            let mut resp = next.run(req).await;
+            for (name, value) in admission.headers {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, v);
+                }
+            }
+            resp
+        }
+        Err(refused) => {
+            if let Some(ctx) = &ctx {
+                ctx.set_rejection(Rejection::new("rate_limit", refused.reason));
+            }
+            refused_response(refused)
+        }
+    }
+}
+
+/// The answer to a request a limit refused: 429 (503 when the limiter
+/// itself is unavailable) with `Retry-After`.
+pub fn refused_response(r: crate::ratelimit::Refused) -> Response {
+    if r.unavailable {
+        ApiError::limiter_unavailable(r.message).into_response()
+    } else {
+        ApiError::rate_limited(r.reason, r.message, r.retry_after).into_response()
+    }
+}
+
+/// Bounds the time to the response head (`limits.request_timeout`): a
+/// handler stuck behind a slow engine answers 504 instead of holding the
+/// connection forever. Streams are not cut once their head is sent.
+pub async fn request_timeout(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::timeout(state.request_timeout).into_response(),
     }
 }
 

@@ -231,6 +231,43 @@ pub async fn chat_completions(
         })?
         .clone();
     ctx.set_model(engine.name(), engine.revision());
+    // The role's caps, then the token budget: `max_tokens` is the most this
+    // request can cost, reserved now and settled when the response ends.
+    let limits = *state.rate.limits_for(&principal);
+    let asked = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(state.default_max_tokens);
+    if let Some(cap) = limits.max_tokens
+        && asked > cap
+    {
+        ctx.set_rejection(Rejection::new("limits", "max_tokens_cap"));
+        return Err(ApiError::bad_request(
+            Some("max_tokens".into()),
+            format!("max_tokens {asked} exceeds this role's limit of {cap}"),
+        ));
+    }
+    if let (Some(cap), Some(n)) = (limits.max_n, req.n)
+        && n > cap
+    {
+        ctx.set_rejection(Rejection::new("limits", "n_cap"));
+        return Err(ApiError::bad_request(
+            Some("n".into()),
+            format!("n {n} exceeds this role's limit of {cap}"),
+        ));
+    }
+    let mut token_headers = None;
+    match state.rate.reserve_tokens(&principal, asked).await {
+        Ok(Some(r)) => {
+            token_headers = Some((r.limit(), r.remaining()));
+            ctx.hold_reservation(r);
+        }
+        Ok(None) => {}
+        Err(refused) => {
+            ctx.set_rejection(Rejection::new("rate_limit", refused.reason));
+            return Ok(crate::middleware::refused_response(refused));
+        }
+    }
     let chat_request = into_engine_request(&req)?;
     if let Some(audit) = &state.audit {
         // A keyed hash of the prompt (the messages as a JSON array of
@@ -254,20 +291,18 @@ pub async fn chat_completions(
     ctx.set_tokens(prompt_tokens, 0);
     let id = format!("chatcmpl-{}", ctx.request_id);
     let created = unix_now();
-    if req.stream == Some(true) {
+    let mut resp = if req.stream == Some(true) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        Ok(stream_response(
-            state,
-            engine,
-            events,
-            ctx,
-            id,
-            created,
-            include_usage,
-        ))
+        stream_response(state, engine, events, ctx, id, created, include_usage)
     } else {
-        complete_response(&state, engine, events, ctx, id, created).await
+        complete_response(&state, engine, events, ctx, id, created).await?
+    };
+    if let Some((limit, remaining)) = token_headers {
+        let h = resp.headers_mut();
+        h.insert("x-ratelimit-limit-tokens", limit.into());
+        h.insert("x-ratelimit-remaining-tokens", remaining.into());
     }
+    Ok(resp)
 }
 
 async fn complete_response(

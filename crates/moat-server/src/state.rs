@@ -32,6 +32,15 @@ pub struct AppState {
     /// cannot be written durably is refused (503).
     pub audit: Option<Arc<AuditLog>>,
     pub audit_fail_closed: bool,
+    /// JWT issuers (`[[auth.jwt]]`), when any are configured.
+    pub jwt: Option<Arc<crate::auth::JwtAuth>>,
+    /// Client-certificate principal → role (`[auth.mtls]`).
+    pub mtls_roles: BTreeMap<String, moat_guard::Role>,
+    /// Longest wait for a response head (`limits.request_timeout`).
+    pub request_timeout: std::time::Duration,
+    pub rate: Arc<crate::ratelimit::RateLimits>,
+    /// `max_tokens` of a request that gives none (`engine.default_max_tokens`).
+    pub default_max_tokens: u64,
 }
 
 impl AppState {
@@ -65,6 +74,10 @@ struct Fields {
     /// Set by the layer that refused the request when it knows more than
     /// the status says (which auth failure, which permission).
     rejection: Option<Rejection>,
+    /// The concurrency slot, held until the response's last byte.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Tokens reserved at admission, settled against the real usage.
+    reservation: Option<crate::ratelimit::TokenReservation>,
 }
 
 pub struct RequestContext {
@@ -124,6 +137,14 @@ impl RequestContext {
         self.with(|f| f.rejection = Some(r));
     }
 
+    pub fn hold_permit(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.with(|f| f.permit = Some(permit));
+    }
+
+    pub fn hold_reservation(&self, r: crate::ratelimit::TokenReservation) {
+        self.with(|f| f.reservation = Some(r));
+    }
+
     pub fn set_key(&self, key_id: &str) {
         self.with(|f| f.key_id = Some(key_id.to_owned()));
     }
@@ -154,6 +175,7 @@ impl RequestContext {
                 0..=399 => (Outcome::Allowed, None),
                 401 => (Outcome::Denied, Some("auth")),
                 403 => (Outcome::Denied, Some("authz")),
+                429 => (Outcome::Denied, Some("rate_limit")),
                 400..=498 => (Outcome::Denied, Some("request")),
                 _ => (Outcome::Error, Some("engine")),
             };
@@ -204,6 +226,10 @@ impl Drop for RequestContext {
             f.status = 499;
             f.error.get_or_insert_with(|| "client_disconnected".to_owned());
         }
+        if let Some(r) = f.reservation.take() {
+            r.settle(f.completion_tokens);
+        }
+        drop(f.permit.take());
         let m = &self.state.metrics;
         let labels = RequestLabels {
             plane: self.plane.as_str(),

@@ -589,6 +589,17 @@ pub fn run_server(
     rt.block_on(async {
         let bound = moat_server::bind(config).await?;
         on_bound(bound.inference_addr, bound.metrics_addr);
+        // SIGHUP re-reads TLS certificates at once (they, the keys file
+        // and JWKS files are also re-read within a second of changing).
+        let reload = bound.reload_handle();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading TLS certificates");
+                    reload.reload();
+                }
+            });
+        }
         moat_server::serve(config, models, bound, shutdown_signal()).await?;
         tracing::info!("shut down cleanly");
         Ok(ExitCode::SUCCESS)

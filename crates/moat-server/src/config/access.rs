@@ -1,0 +1,641 @@
+//! The access-control part of the configuration: per-plane network
+//! allowlists and TLS, connection limits (`[limits]`), identities
+//! (`[[auth.jwt]]`, `[auth.mtls]`) and rate limits (`[rate_limits]`).
+//!
+//! Kept apart from `config.rs` because these keys are many and each has
+//! its own validation; the same two-phase shape applies: `Raw*` mirrors
+//! the file and refuses unknown keys, `validate` names the full key path.
+
+use super::{ConfigError, invalid};
+use crate::net::Allowlist;
+use crate::tls::{ClientAuth, MinVersion, TlsSettings};
+use moat_guard::Role;
+use moat_guard::jwt::{Algorithm, DEFAULT_MAX_TOKEN_BYTES};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[inference.tls]` / `[metrics.tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub min_version: Option<String>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: Option<String>,
+}
+
+impl RawTls {
+    pub fn validate(self, prefix: &str) -> Result<TlsSettings, ConfigError> {
+        let cert = self
+            .cert
+            .ok_or_else(|| invalid(format!("{prefix}.cert"), "required when TLS is configured"))?;
+        let key = self
+            .key
+            .ok_or_else(|| invalid(format!("{prefix}.key"), "required when TLS is configured"))?;
+        let min_version = match self.min_version.as_deref() {
+            None | Some("1.3") => MinVersion::Tls13,
+            Some("1.2") => MinVersion::Tls12,
+            Some(v) => {
+                return Err(invalid(
+                    format!("{prefix}.min_version"),
+                    format!("{v:?}: use \"1.3\" (default) or \"1.2\""),
+                ));
+            }
+        };
+        let ca = || {
+            self.client_ca.clone().ok_or_else(|| {
+                invalid(
+                    format!("{prefix}.client_ca"),
+                    "required when client_auth is \"optional\" or \"required\"",
+                )
+            })
+        };
+        let client_auth = match self.client_auth.as_deref() {
+            None | Some("off") => {
+                if self.client_ca.is_some() {
+                    return Err(invalid(
+                        format!("{prefix}.client_auth"),
+                        "client_ca is set but client_auth is \"off\": say \"optional\" or \"required\"",
+                    ));
+                }
+                ClientAuth::Off
+            }
+            Some("optional") => ClientAuth::Optional(ca()?),
+            Some("required") => ClientAuth::Required(ca()?),
+            Some(v) => {
+                return Err(invalid(
+                    format!("{prefix}.client_auth"),
+                    format!("{v:?}: use \"off\", \"optional\" or \"required\""),
+                ));
+            }
+        };
+        let settings = TlsSettings {
+            cert,
+            key,
+            min_version,
+            client_auth,
+        };
+        // Load once now so a bad file is a config error naming the key.
+        crate::tls::server_config(&settings).map_err(|e| invalid(prefix, e.to_string()))?;
+        Ok(settings)
+    }
+}
+
+/// A plane's network and TLS settings, validated.
+#[derive(Debug, Clone, Default)]
+pub struct PlaneAccess {
+    pub allow: Allowlist,
+    pub tls: Option<TlsSettings>,
+}
+
+pub fn plane_access(
+    prefix: &str,
+    cidrs: Option<Vec<String>>,
+    tls: Option<RawTls>,
+) -> Result<PlaneAccess, ConfigError> {
+    let cidrs = cidrs.unwrap_or_default();
+    let allow = Allowlist::parse(&cidrs).map_err(|e| {
+        let i = cidrs
+            .iter()
+            .position(|c| crate::net::Cidr::parse(c).is_err())
+            .unwrap_or(0);
+        invalid(format!("{prefix}.allow_cidrs[{i}]"), e)
+    })?;
+    let tls = match tls {
+        None => None,
+        Some(t) => Some(t.validate(&format!("{prefix}.tls"))?),
+    };
+    Ok(PlaneAccess { allow, tls })
+}
+
+/// Parses `500ms`, `10s`, `5m`, `1h` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    n.checked_mul(mult_ms).map(Duration::from_millis)
+}
+
+/// A duration key: a string like `"10s"` or an integer of seconds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(u64),
+    Text(String),
+}
+
+fn duration(
+    key: &str,
+    v: Option<RawDuration>,
+    default: Duration,
+    range: (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let d = match v {
+        None => return Ok(default),
+        Some(RawDuration::Seconds(s)) => Duration::from_secs(s),
+        Some(RawDuration::Text(t)) => parse_duration(&t).ok_or_else(|| {
+            invalid(
+                key,
+                format!("{t:?} is not a duration like \"500ms\", \"10s\" or \"5m\""),
+            )
+        })?,
+    };
+    if d < range.0 || d > range.1 {
+        return Err(invalid(
+            key,
+            format!("{d:?} is not between {:?} and {:?}", range.0, range.1),
+        ));
+    }
+    Ok(d)
+}
+
+/// `[limits]`: what one connection may cost.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<usize>,
+    pub header_read_timeout: Option<RawDuration>,
+    pub request_timeout: Option<RawDuration>,
+    pub idle_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line + headers); hyper's read buffer.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head (and, on TLS
+    /// listeners, to finish the handshake): the slowloris cut-off.
+    pub header_read_timeout: Duration,
+    /// Time until the response head; longer requests get 504.
+    pub request_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RawLimits {
+    pub fn validate(self) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let max_header_bytes = self.max_header_bytes.unwrap_or(d.max_header_bytes);
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        if !(8192..=(1 << 20)).contains(&max_header_bytes) {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                format!("{max_header_bytes} is not between 8192 and 1048576"),
+            ));
+        }
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        Ok(Limits {
+            max_header_bytes,
+            header_read_timeout: duration(
+                "limits.header_read_timeout",
+                self.header_read_timeout,
+                d.header_read_timeout,
+                (ms(100), s(300)),
+            )?,
+            request_timeout: duration(
+                "limits.request_timeout",
+                self.request_timeout,
+                d.request_timeout,
+                (ms(100), s(86_400)),
+            )?,
+            idle_timeout: duration(
+                "limits.idle_timeout",
+                self.idle_timeout,
+                d.idle_timeout,
+                (ms(100), s(86_400)),
+            )?,
+        })
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(default)]
+    pub jwt: Vec<RawJwtIssuer>,
+    #[serde(default)]
+    pub mtls: RawMtls,
+}
+
+/// One `[[auth.jwt]]` issuer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtIssuer {
+    pub issuer: Option<String>,
+    pub audiences: Option<Vec<String>>,
+    pub algorithms: Option<Vec<String>>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub allow_loopback: Option<bool>,
+    pub hs256_secret_file: Option<PathBuf>,
+    pub leeway: Option<RawDuration>,
+    pub max_token_bytes: Option<usize>,
+    pub role_claim: Option<String>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    pub models_claim: Option<String>,
+}
+
+/// A validated JWT issuer.
+#[derive(Debug, Clone)]
+pub struct JwtIssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub allow_loopback: bool,
+    pub hs256_secret_file: Option<PathBuf>,
+    pub leeway: Duration,
+    pub max_token_bytes: usize,
+    /// Claim whose value(s) map to a role; `None`: every token is a user.
+    pub role_claim: Option<String>,
+    pub roles: BTreeMap<String, Role>,
+    /// Claim listing the models the token may use (array or space-separated).
+    pub models_claim: Option<String>,
+}
+
+fn role(key: &str, v: &str) -> Result<Role, ConfigError> {
+    v.parse::<Role>()
+        .map_err(|_| invalid(key, format!("{v:?}: use \"admin\" or \"user\"")))
+}
+
+impl RawJwtIssuer {
+    pub fn validate(self, prefix: &str) -> Result<JwtIssuerConfig, ConfigError> {
+        let issuer = self
+            .issuer
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| invalid(format!("{prefix}.issuer"), "required (the exact `iss` value)"))?;
+        let audiences = self.audiences.unwrap_or_default();
+        if audiences.is_empty() {
+            return Err(invalid(
+                format!("{prefix}.audiences"),
+                "list at least one audience the token's `aud` must contain",
+            ));
+        }
+        let names = self
+            .algorithms
+            .unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+        let mut algorithms = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            let a = Algorithm::parse(n).ok_or_else(|| {
+                invalid(
+                    format!("{prefix}.algorithms[{i}]"),
+                    format!("{n:?}: use RS256, ES256, EdDSA or HS256 (never none)"),
+                )
+            })?;
+            algorithms.push(a);
+        }
+        if algorithms.is_empty() {
+            return Err(invalid(format!("{prefix}.algorithms"), "must not be empty"));
+        }
+        let hs = algorithms.contains(&Algorithm::Hs256);
+        if hs != self.hs256_secret_file.is_some() {
+            return Err(invalid(
+                format!("{prefix}.hs256_secret_file"),
+                "set it exactly when HS256 is among the algorithms",
+            ));
+        }
+        let asymmetric = algorithms.iter().any(|a| *a != Algorithm::Hs256);
+        if asymmetric && self.jwks_file.is_none() && self.jwks_url.is_none() {
+            return Err(invalid(
+                format!("{prefix}.jwks_file"),
+                "an asymmetric algorithm needs jwks_file or jwks_url",
+            ));
+        }
+        if let Some(u) = &self.jwks_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Err(invalid(
+                format!("{prefix}.jwks_url"),
+                format!("{u:?} is not an http(s) URL"),
+            ));
+        }
+        let leeway = duration(
+            &format!("{prefix}.leeway"),
+            self.leeway,
+            Duration::from_secs(60),
+            (Duration::ZERO, Duration::from_secs(600)),
+        )?;
+        let max_token_bytes = self.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+        if !(256..=65_536).contains(&max_token_bytes) {
+            return Err(invalid(
+                format!("{prefix}.max_token_bytes"),
+                format!("{max_token_bytes} is not between 256 and 65536"),
+            ));
+        }
+        let mut roles = BTreeMap::new();
+        for (claim, r) in &self.roles {
+            roles.insert(claim.clone(), role(&format!("{prefix}.roles.{claim}"), r)?);
+        }
+        if !roles.is_empty() && self.role_claim.is_none() {
+            return Err(invalid(
+                format!("{prefix}.role_claim"),
+                "roles are mapped but no role_claim names the claim to read",
+            ));
+        }
+        Ok(JwtIssuerConfig {
+            issuer,
+            audiences,
+            algorithms,
+            jwks_file: self.jwks_file,
+            jwks_url: self.jwks_url,
+            allow_loopback: self.allow_loopback.unwrap_or(false),
+            hs256_secret_file: self.hs256_secret_file,
+            leeway,
+            max_token_bytes,
+            role_claim: self.role_claim,
+            roles,
+            models_claim: self.models_claim,
+        })
+    }
+}
+
+/// `[auth.mtls]`: client-certificate principal → role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtls {
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+}
+
+impl RawMtls {
+    pub fn validate(self) -> Result<BTreeMap<String, Role>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (name, r) in self.roles {
+            let v = role(&format!("auth.mtls.roles.\"{name}\""), &r)?;
+            out.insert(name, v);
+        }
+        Ok(out)
+    }
+}
+
+/// Per-principal limits, as written (defaults or one role's overrides).
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrincipalLimits {
+    pub requests_per_minute: Option<u64>,
+    pub burst: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    pub max_tokens: Option<u64>,
+    pub max_n: Option<u32>,
+}
+
+/// `[rate_limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    #[serde(flatten)]
+    pub defaults: RawPrincipalLimits,
+    pub global_requests_per_second: Option<u64>,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Option<RawDuration>,
+    pub on_redis_error: Option<String>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, RawPrincipalLimits>,
+}
+
+/// One principal's limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrincipalLimits {
+    pub requests_per_minute: Option<u64>,
+    pub burst: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    pub max_tokens: Option<u64>,
+    pub max_n: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Admit the request (availability over the limit).
+    Open,
+    /// Refuse with 503 (the limit over availability).
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub admin: PrincipalLimits,
+    pub user: PrincipalLimits,
+    pub global_requests_per_second: Option<u64>,
+    /// `host:port` of the Redis server shared by replicas.
+    pub redis_addr: Option<String>,
+    pub redis_timeout: Duration,
+    pub on_redis_error: OnRedisError,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            admin: PrincipalLimits::default(),
+            user: PrincipalLimits::default(),
+            global_requests_per_second: None,
+            redis_addr: None,
+            redis_timeout: Duration::from_millis(50),
+            on_redis_error: OnRedisError::Closed,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    pub fn for_role(&self, role: Role) -> &PrincipalLimits {
+        match role {
+            Role::Admin => &self.admin,
+            Role::User => &self.user,
+        }
+    }
+}
+
+fn positive<T: PartialEq + Default + std::fmt::Display + Copy>(
+    key: String,
+    v: Option<T>,
+) -> Result<Option<T>, ConfigError> {
+    match v {
+        Some(x) if x == T::default() => Err(invalid(key, "must be at least 1 (leave it out for no limit)")),
+        other => Ok(other),
+    }
+}
+
+fn merge(
+    prefix: &str,
+    base: &RawPrincipalLimits,
+    over: &RawPrincipalLimits,
+) -> Result<PrincipalLimits, ConfigError> {
+    let k = |name: &str| format!("{prefix}.{name}");
+    let l = PrincipalLimits {
+        requests_per_minute: positive(
+            k("requests_per_minute"),
+            over.requests_per_minute.or(base.requests_per_minute),
+        )?,
+        burst: positive(k("burst"), over.burst.or(base.burst))?,
+        tokens_per_minute: positive(
+            k("tokens_per_minute"),
+            over.tokens_per_minute.or(base.tokens_per_minute),
+        )?,
+        max_concurrent: positive(k("max_concurrent"), over.max_concurrent.or(base.max_concurrent))?,
+        max_tokens: positive(k("max_tokens"), over.max_tokens.or(base.max_tokens))?,
+        max_n: positive(k("max_n"), over.max_n.or(base.max_n))?,
+    };
+    if l.burst.is_some() && l.requests_per_minute.is_none() {
+        return Err(invalid(k("burst"), "needs requests_per_minute"));
+    }
+    if let (Some(tpm), Some(mt)) = (l.tokens_per_minute, l.max_tokens)
+        && mt > tpm
+    {
+        return Err(invalid(
+            k("max_tokens"),
+            format!("{mt} exceeds tokens_per_minute ({tpm}): no request could ever be admitted"),
+        ));
+    }
+    Ok(l)
+}
+
+impl RawRateLimits {
+    pub fn validate(self) -> Result<RateLimitConfig, ConfigError> {
+        for name in self.roles.keys() {
+            role(&format!("rate_limits.roles.{name}"), name)?;
+        }
+        let empty = RawPrincipalLimits::default();
+        let over = |r: &str| self.roles.get(r).unwrap_or(&empty);
+        let admin = merge("rate_limits.roles.admin", &self.defaults, over("admin"))
+            .map_err(|e| rename_default(e, over("admin")))?;
+        let user = merge("rate_limits.roles.user", &self.defaults, over("user"))
+            .map_err(|e| rename_default(e, over("user")))?;
+        let global_requests_per_second = positive(
+            "rate_limits.global_requests_per_second".into(),
+            self.global_requests_per_second,
+        )?;
+        let redis_addr = match self.redis_url {
+            None => None,
+            Some(u) => Some(redis_addr(&u).ok_or_else(|| {
+                invalid(
+                    "rate_limits.redis_url",
+                    format!("{u:?} is not like redis://host:port (TLS and passwords are not supported)"),
+                )
+            })?),
+        };
+        let redis_timeout = duration(
+            "rate_limits.redis_timeout",
+            self.redis_timeout,
+            Duration::from_millis(50),
+            (Duration::from_millis(1), Duration::from_secs(10)),
+        )?;
+        let on_redis_error = match self.on_redis_error.as_deref() {
+            None | Some("closed") => OnRedisError::Closed,
+            Some("open") => OnRedisError::Open,
+            Some(v) => {
+                return Err(invalid(
+                    "rate_limits.on_redis_error",
+                    format!("{v:?}: use \"open\" or \"closed\""),
+                ));
+            }
+        };
+        if redis_addr.is_none() && self.on_redis_error.is_some() {
+            return Err(invalid(
+                "rate_limits.on_redis_error",
+                "needs rate_limits.redis_url",
+            ));
+        }
+        Ok(RateLimitConfig {
+            admin,
+            user,
+            global_requests_per_second,
+            redis_addr,
+            redis_timeout,
+            on_redis_error,
+        })
+    }
+}
+
+/// A bad value that came from the top-level defaults is reported under
+/// `rate_limits.KEY`, not under the role that inherited it.
+fn rename_default(e: ConfigError, over: &RawPrincipalLimits) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, message } => {
+            let name = key.rsplit('.').next().unwrap_or_default().to_owned();
+            let overridden = match name.as_str() {
+                "requests_per_minute" => over.requests_per_minute.is_some(),
+                "burst" => over.burst.is_some(),
+                "tokens_per_minute" => over.tokens_per_minute.is_some(),
+                "max_concurrent" => over.max_concurrent.is_some(),
+                "max_tokens" => over.max_tokens.is_some(),
+                "max_n" => over.max_n.is_some(),
+                _ => true,
+            };
+            let key = if overridden {
+                key
+            } else {
+                format!("rate_limits.{name}")
+            };
+            ConfigError::Invalid { key, message }
+        }
+        other => other,
+    }
+}
+
+fn redis_addr(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("redis://")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') || rest.contains('/') {
+        return None;
+    }
+    let (host, port) = rest.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    (!host.is_empty()).then(|| rest.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+
+    #[test]
+    fn redis_urls() {
+        assert_eq!(
+            redis_addr("redis://127.0.0.1:6379").as_deref(),
+            Some("127.0.0.1:6379")
+        );
+        assert_eq!(redis_addr("redis://h:1/").as_deref(), Some("h:1"));
+        assert_eq!(redis_addr("redis://u:p@h:1"), None);
+        assert_eq!(redis_addr("rediss://h:1"), None);
+        assert_eq!(redis_addr("redis://h"), None);
+    }
+}

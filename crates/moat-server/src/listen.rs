@@ -1,0 +1,316 @@
+//! The accept loop of a plane: network allowlist, TLS, and HTTP/1.1 per
+//! connection with the connection limits.
+//!
+//! `axum::serve` cannot wrap a TLS stream, set a header-read timeout or
+//! drop a connection before HTTP starts, so each accepted connection is
+//! served here with hyper's HTTP/1.1 connection directly:
+//!
+//! 1. the peer address is checked against the plane's CIDR allowlist and
+//!    the socket is closed at once when it is outside (nothing is read);
+//! 2. on a TLS plane the handshake must finish within the header-read
+//!    timeout; the verified client certificate's principal is kept;
+//! 3. hyper reads the request head with `header_read_timeout` (slowloris)
+//!    and `max_buf_size` (header bytes), and the router sees the peer
+//!    address and client certificate as request extensions;
+//! 4. a connection that moves no byte for `idle_timeout` while no request
+//!    is being answered is closed gracefully.
+//!
+//! Shutdown stops accepting, asks every connection to finish its current
+//! response and close, and waits for all of them.
+
+use crate::config::Limits;
+use crate::metrics::{Plane, Rejection};
+use crate::net::Allowlist;
+use crate::state::AppState;
+use crate::tls::{Reloadable, principal_from_cert};
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The principal named by the connection's verified client certificate
+/// (`None`: plain HTTP, or TLS without a client certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCert(pub Option<String>);
+
+/// One plane ready to serve.
+pub struct PlaneServer {
+    pub plane: Plane,
+    pub listener: TcpListener,
+    pub allow: Allowlist,
+    pub tls: Option<Arc<Reloadable>>,
+    pub router: Router,
+    pub limits: Limits,
+}
+
+impl PlaneServer {
+    /// Serves until `stop` turns true, then drains open connections.
+    pub async fn run(self, state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let conn_stop = stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = self.listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors and the like: back off
+                            // rather than spin; the listener stays up.
+                            tracing::warn!(plane = self.plane.as_str(), error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    if !self.allow.allows(peer.ip()) {
+                        tracing::warn!(plane = self.plane.as_str(), peer = %peer, "connection refused: peer is outside allow_cidrs");
+                        state.metrics.reject(Rejection::new("network", "cidr_denied"));
+                        drop(tcp);
+                        continue;
+                    }
+                    let _ = tcp.set_nodelay(true);
+                    conns.spawn(connection(
+                        tcp,
+                        peer,
+                        self.plane,
+                        self.tls.clone(),
+                        self.router.clone(),
+                        self.limits,
+                        state.clone(),
+                        conn_stop.clone(),
+                    ));
+                }
+            }
+        }
+        while conns.join_next().await.is_some() {}
+    }
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one connection's whole context, passed once"
+)]
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    plane: Plane,
+    tls: Option<Arc<Reloadable>>,
+    router: Router,
+    limits: Limits,
+    state: Arc<AppState>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(tls) = tls else {
+        serve_http(tcp, peer, ClientCert(None), router, limits, stop).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(tcp)).await;
+    match handshake {
+        Ok(Ok(stream)) => {
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| principal_from_cert(c.as_ref()));
+            serve_http(stream, peer, ClientCert(cert), router, limits, stop).await;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(plane = plane.as_str(), peer = %peer, error = %e, "TLS handshake refused");
+            state.metrics.reject(Rejection::new("tls", "handshake_failed"));
+        }
+        Err(_) => {
+            tracing::warn!(plane = plane.as_str(), peer = %peer, "TLS handshake timed out");
+            state.metrics.reject(Rejection::new("tls", "handshake_timeout"));
+        }
+    }
+}
+
+/// Bytes moved and requests being answered on one connection, for the
+/// idle timeout.
+#[derive(Default)]
+struct Activity {
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+struct Tracked<I> {
+    inner: I,
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl<I> Tracked<I> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.last_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Decrements the busy count when the handler's future ends (answered or
+/// dropped).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    cert: ClientCert,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let epoch = Instant::now();
+    let io = Tracked {
+        inner: io,
+        activity: activity.clone(),
+        epoch,
+    };
+    let svc_activity = activity.clone();
+    let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(cert.clone());
+        svc_activity.busy.fetch_add(1, Ordering::Relaxed);
+        let busy = Busy(svc_activity.clone());
+        let mut router = router.clone();
+        // Boxed so the connection is `Unpin` and can be polled without
+        // shutting the socket down (see `linger`).
+        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let resp = tower::Service::call(&mut router, req.map(axum::body::Body::new)).await;
+            drop(busy);
+            resp
+        });
+        fut
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let mut conn = builder.serve_connection(
+        TokioIo::new(io),
+        hyper_util::service::TowerToHyperService::new(svc),
+    );
+    let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let check_every = (limits.idle_timeout / 4).max(Duration::from_millis(25));
+    let mut tick = tokio::time::interval(check_every);
+    let mut closing = false;
+    enum Event {
+        Done(hyper::Result<()>),
+        Stop,
+        Tick,
+    }
+    loop {
+        let event = tokio::select! {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => Event::Done(r),
+            _ = stop.wait_for(|v| *v), if !closing => Event::Stop,
+            _ = tick.tick(), if !closing => Event::Tick,
+        };
+        match event {
+            Event::Done(Err(e)) => {
+                // Header timeouts, oversized heads and resets land here;
+                // hyper has already answered what can be answered.
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                return;
+            }
+            Event::Done(Ok(())) => {
+                if !closing {
+                    linger(conn.into_parts().io.into_inner()).await;
+                }
+                return;
+            }
+            Event::Stop => {
+                closing = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            Event::Tick => {
+                let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let quiet = now.saturating_sub(activity.last_ms.load(Ordering::Relaxed));
+                if quiet >= idle_ms && activity.busy.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(peer = %peer, "closing idle connection");
+                    closing = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Lingering close (as nginx's `lingering_close`): when hyper ends a
+/// connection, the client may still be sending a body nobody read (a 413,
+/// a 401 before the body). Closing a socket with unread data makes the
+/// kernel send a reset, which can destroy the answer before the client
+/// reads it. So: send FIN, then read and discard until the client closes,
+/// for at most [`LINGER`].
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}

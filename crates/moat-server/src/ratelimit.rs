@@ -1,0 +1,336 @@
+//! Rate limits as the server applies them: a global requests/s cap, then
+//! per principal a concurrency cap, a requests/min GCRA and a tokens/min
+//! budget, with the limits of the principal's role.
+//!
+//! The arithmetic is `moat_guard::ratelimit`'s; this module chooses where
+//! the state lives (this process, or Redis when `redis_url` is set so that
+//! replicas share one budget), applies the fail-open/closed policy when
+//! Redis does not answer, and turns decisions into 429s with an exact
+//! `Retry-After`. The global cap and concurrency are always local: they
+//! protect this process.
+//!
+//! Tokens are reserved at admission (the request's `max_tokens`, which is
+//! the most it can cost) and what was not generated is given back when the
+//! response ends, so a principal cannot overrun its budget with concurrent
+//! long generations and is not charged for tokens it never received.
+
+use crate::config::{OnRedisError, PrincipalLimits, RateLimitConfig};
+use moat_guard::Principal;
+use moat_guard::ratelimit::redis::RedisLimiter;
+use moat_guard::ratelimit::{Decision, Limiter, Quota};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why a request was refused by a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Metrics reason and error code.
+    pub reason: &'static str,
+    pub message: String,
+    /// Whole seconds, rounded up.
+    pub retry_after: u64,
+    /// The limiter could not decide (Redis down, fail-closed): 503, not 429.
+    pub unavailable: bool,
+}
+
+/// What admission holds until the response ends, and the headers to send.
+pub struct Admission {
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Tokens charged at admission, settled when the response ends.
+pub struct TokenReservation {
+    limits: Arc<RateLimits>,
+    key: String,
+    quota: Quota,
+    reserved: u64,
+    /// Tokens still available right after this reservation.
+    remaining: u64,
+}
+
+impl TokenReservation {
+    /// The tokens/min limit charged.
+    pub fn limit(&self) -> u64 {
+        self.quota.rate
+    }
+
+    /// Tokens the principal could still reserve right after this one.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Gives back what was reserved but not generated.
+    pub fn settle(self, used: u64) {
+        let unused = self.reserved.saturating_sub(used);
+        if unused == 0 {
+            return;
+        }
+        let limits = self.limits.clone();
+        match &limits.redis {
+            None => limits.local.refund(&self.key, &self.quota, unused, limits.now()),
+            Some(_) => {
+                // Called from a Drop: the refund runs on the runtime.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let key = self.key;
+                    let quota = self.quota;
+                    rt.spawn(async move {
+                        if let Some(redis) = &limits.redis
+                            && let Err(e) = redis.refund(&key, &quota, unused).await
+                        {
+                            tracing::warn!(error = %e, "token refund to redis failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+pub struct RateLimits {
+    config: RateLimitConfig,
+    local: Limiter,
+    global: Option<Quota>,
+    redis: Option<RedisLimiter>,
+    concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
+    epoch: Instant,
+}
+
+/// Whole seconds, rounded up, at least 1: a client that waits this long
+/// is admitted.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_nanos()
+        .div_ceil(1_000_000_000)
+        .max(1)
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+fn request_quota(l: &PrincipalLimits) -> Option<Quota> {
+    let rpm = l.requests_per_minute?;
+    Quota::per_minute(rpm, l.burst.unwrap_or((rpm / 60).max(1)))
+}
+
+fn token_quota(l: &PrincipalLimits) -> Option<Quota> {
+    let tpm = l.tokens_per_minute?;
+    Quota::per_minute(tpm, tpm)
+}
+
+impl RateLimits {
+    pub fn new(config: RateLimitConfig) -> Self {
+        let redis = config
+            .redis_addr
+            .as_ref()
+            .map(|addr| RedisLimiter::new(addr.clone(), "moat:rl:", config.redis_timeout));
+        RateLimits {
+            global: config
+                .global_requests_per_second
+                .and_then(|r| Quota::per_second(r, r)),
+            local: Limiter::new(),
+            redis,
+            concurrency: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            config,
+        }
+    }
+
+    pub fn limits_for(&self, p: &Principal) -> &PrincipalLimits {
+        self.config.for_role(p.role)
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// One GCRA step, local or in Redis, with the fail-open/closed policy.
+    async fn charge(&self, key: &str, quota: &Quota, cost: u64) -> Result<Decision, Refused> {
+        let Some(redis) = &self.redis else {
+            return Ok(self.local.check(key, quota, cost, self.now()));
+        };
+        match redis.check(key, quota, cost).await {
+            Ok(d) => Ok(d),
+            Err(e) => match self.config.on_redis_error {
+                OnRedisError::Open => {
+                    tracing::warn!(error = %e, "rate limiter unavailable; admitting (on_redis_error = \"open\")");
+                    Ok(Decision::Allowed { remaining: 0 })
+                }
+                OnRedisError::Closed => {
+                    tracing::error!(error = %e, "rate limiter unavailable; refusing (on_redis_error = \"closed\")");
+                    Err(Refused {
+                        reason: "limiter_unavailable",
+                        message: "the rate limiter is unavailable; try again shortly".into(),
+                        retry_after: 1,
+                        unavailable: true,
+                    })
+                }
+            },
+        }
+    }
+
+    /// Admits one request of `p`: global cap, concurrency, requests/min.
+    pub async fn admit(&self, p: &Principal) -> Result<Admission, Refused> {
+        if let Some(q) = &self.global
+            && let Decision::Limited { retry_after } = self.local.check("\u{0}global", q, 1, self.now())
+        {
+            return Err(Refused {
+                reason: "global_cap",
+                message: "the server is at its global request rate; slow down".into(),
+                retry_after: retry_after_secs(retry_after),
+                unavailable: false,
+            });
+        }
+        let limits = *self.limits_for(p);
+        let permit = match limits.max_concurrent {
+            None => None,
+            Some(max) => {
+                let sem = {
+                    let mut map = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+                    map.entry(p.key_id.clone())
+                        .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
+                        .clone()
+                };
+                match sem.try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        return Err(Refused {
+                            reason: "concurrency",
+                            message: format!(
+                                "at most {max} concurrent requests are allowed for this principal"
+                            ),
+                            retry_after: 1,
+                            unavailable: false,
+                        });
+                    }
+                }
+            }
+        };
+        let mut headers = Vec::new();
+        if let Some(q) = request_quota(&limits) {
+            match self.charge(&format!("req:{}", p.key_id), &q, 1).await? {
+                Decision::Allowed { remaining } => {
+                    headers.push(("x-ratelimit-limit-requests", q.rate.to_string()));
+                    headers.push(("x-ratelimit-remaining-requests", remaining.to_string()));
+                }
+                Decision::Limited { retry_after } => {
+                    return Err(Refused {
+                        reason: "requests_per_minute",
+                        message: format!(
+                            "rate limit of {} requests per minute reached; retry after {:.1} s",
+                            q.rate,
+                            retry_after.as_secs_f64()
+                        ),
+                        retry_after: retry_after_secs(retry_after),
+                        unavailable: false,
+                    });
+                }
+            }
+        }
+        Ok(Admission { permit, headers })
+    }
+
+    /// Reserves `max_tokens` of `p`'s tokens/min budget.
+    pub async fn reserve_tokens(
+        self: &Arc<Self>,
+        p: &Principal,
+        max_tokens: u64,
+    ) -> Result<Option<TokenReservation>, Refused> {
+        let Some(q) = token_quota(self.limits_for(p)) else {
+            return Ok(None);
+        };
+        let key = format!("tok:{}", p.key_id);
+        match self.charge(&key, &q, max_tokens).await? {
+            Decision::Allowed { remaining } => Ok(Some(TokenReservation {
+                limits: self.clone(),
+                key,
+                quota: q,
+                reserved: max_tokens,
+                remaining,
+            })),
+            Decision::Limited { retry_after } => Err(Refused {
+                reason: "tokens_per_minute",
+                message: format!(
+                    "token limit of {} per minute reached (this request reserves max_tokens = {max_tokens}); retry after {:.1} s",
+                    q.rate,
+                    retry_after.as_secs_f64()
+                ),
+                retry_after: retry_after_secs(retry_after),
+                unavailable: false,
+            }),
+        }
+    }
+
+    /// Drops state that no longer limits anyone (called periodically).
+    pub fn sweep(&self) {
+        self.local.sweep(self.now());
+        let mut map = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, s| Arc::strong_count(s) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use moat_guard::{PrincipalKind, Role};
+
+    fn user() -> Principal {
+        Principal::new(PrincipalKind::Jwt, "jwt:i#u".into(), Role::User, None)
+    }
+
+    fn limits(l: PrincipalLimits) -> Arc<RateLimits> {
+        Arc::new(RateLimits::new(RateLimitConfig {
+            user: l,
+            ..RateLimitConfig::default()
+        }))
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+
+    #[tokio::test]
+    async fn burst_then_limited_with_retry_after() {
+        let rl = limits(PrincipalLimits {
+            requests_per_minute: Some(60),
+            burst: Some(3),
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            assert!(rl.admit(&user()).await.is_ok());
+        }
+        let r = rl.admit(&user()).await.err().unwrap();
+        assert_eq!(r.reason, "requests_per_minute");
+        assert_eq!(r.retry_after, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrency_permit_is_released() {
+        let rl = limits(PrincipalLimits {
+            max_concurrent: Some(1),
+            ..Default::default()
+        });
+        let a = rl.admit(&user()).await.ok().unwrap();
+        assert_eq!(rl.admit(&user()).await.err().unwrap().reason, "concurrency");
+        drop(a);
+        assert!(rl.admit(&user()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn unused_tokens_are_refunded() {
+        let rl = limits(PrincipalLimits {
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        });
+        let r = rl.reserve_tokens(&user(), 80).await.unwrap().unwrap();
+        assert!(rl.reserve_tokens(&user(), 80).await.is_err());
+        r.settle(10);
+        // 70 came back: 10 used + 80 fits in 100.
+        assert!(rl.reserve_tokens(&user(), 80).await.unwrap().is_some());
+    }
+}
