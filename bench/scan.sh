@@ -9,10 +9,10 @@ source "$(dirname "$0")/common.sh"
 build_release
 peers_venv="${PEERS_VENV:-$HOME/.cache/moat/venv-scanners}"
 test_venv="${VENV:-$HOME/.cache/moat/venv}"
-if [ ! -x "$peers_venv/bin/picklescan" ]; then
+if [ ! -x "$peers_venv/bin/picklescan" ] || ! "$peers_venv/bin/python" -c "import py7zr" 2>/dev/null; then
   python3 -m venv "$peers_venv"
   # fickling 0.1.x imports typing_extensions without declaring it.
-  "$peers_venv/bin/pip" install -q picklescan modelscan fickling typing_extensions numpy
+  "$peers_venv/bin/pip" install -q "picklescan[7z]" modelscan fickling typing_extensions numpy
 fi
 if ! "$test_venv/bin/python" -c 'import numpy, joblib, h5py, onnx, gguf' 2>/dev/null; then
   "$test_venv/bin/pip" install -q -r "$ROOT/scripts/requirements-test.txt"

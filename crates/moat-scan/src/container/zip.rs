@@ -532,6 +532,27 @@ fn scan_members(src: &dyn Source, entries: &[Entry], archive: &str, depth: usize
             });
             continue;
         }
+        // A member that declares a bomb's ratio is refused from the
+        // directory alone, without inflating it (a member that lies about
+        // its size is still stopped by the streaming limits).
+        if e.method != 0
+            && e.uncompressed > super::RATIO_FLOOR
+            && e.uncompressed / e.compressed.max(1) > super::MAX_RATIO
+        {
+            ctx.push(
+                rule::BOMB,
+                Severity::High,
+                format!(
+                    "the member declares {} bytes from {} compressed (ratio above {}:1): a \
+                     decompression bomb, so it is refused without inflating it",
+                    e.uncompressed,
+                    e.compressed,
+                    super::MAX_RATIO
+                ),
+                at_member(&path),
+            );
+            continue;
+        }
         if !complete && e.uncompressed > MAX_IN_MEMORY {
             ctx.push(
                 rule::TOO_LARGE,
