@@ -52,8 +52,19 @@ const MAX_FINDINGS: usize = 20;
 
 /// The parser and the tree's destructor recurse; a long chain such as
 /// `1+1+1+...` nests as deep as it is long, so the work runs on a thread
-/// whose stack is big enough for [`MAX_TEMPLATE_LEN`].
-const STACK_SIZE: usize = 256 << 20;
+/// whose stack grows with the template: [`STACK_PER_BYTE`] per byte over a
+/// base, up to [`MAX_STACK`] (enough for [`MAX_TEMPLATE_LEN`]). Sizing it
+/// by length matters: mapping 256 MiB per check cost more than the check
+/// for ordinary (few-KiB) templates.
+const BASE_STACK: usize = 2 << 20;
+const STACK_PER_BYTE: usize = 256;
+const MAX_STACK: usize = 256 << 20;
+
+fn stack_size(len: usize) -> usize {
+    BASE_STACK
+        .saturating_add(len.saturating_mul(STACK_PER_BYTE))
+        .min(MAX_STACK)
+}
 
 /// Globals whose attributes are the classic escape routes: their Python
 /// objects lead to `__init__.__globals__` and from there to `os`.
@@ -102,7 +113,7 @@ pub fn check(source: &str, location: &str) -> Vec<Finding> {
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("moat-template-check".into())
-                .stack_size(STACK_SIZE)
+                .stack_size(stack_size(source.len()))
                 .spawn_scoped(scope, || check_on_this_thread(source, location))
                 .map_err(|e| e.to_string())
                 .and_then(|h| h.join().map_err(|_| "the analysis panicked".to_owned()))

@@ -124,6 +124,16 @@ fn oversized_and_deeply_nested_templates_do_not_crash() {
     assert!(found.iter().all(|f| f.rule == rule::PARSE), "{:?}", &found[..1]);
     let nested = format!("{{{{ {}1{} }}}}", "(".repeat(10_000), ")".repeat(10_000));
     assert_eq!(rules(&nested), vec![rule::PARSE]);
+    // The stack is sized by length: chains of every size in between fit.
+    for pairs in [1_000, 10_000, 50_000, 200_000] {
+        let chain = format!("{{{{ {}1 }}}}", "x+".repeat(pairs));
+        let found = check(&chain, "k");
+        assert!(
+            found.iter().all(|f| f.rule == rule::PARSE),
+            "{pairs}: {:?}",
+            found.first()
+        );
+    }
 }
 
 #[test]
