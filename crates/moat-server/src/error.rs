@@ -148,6 +148,20 @@ impl ApiError {
         }
     }
 
+    /// The server is shutting down and the drain deadline passed.
+    pub fn shutting_down() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "the server is shutting down and its drain deadline passed; retry the request \
+                 (another replica will answer it)",
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

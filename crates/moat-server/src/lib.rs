@@ -172,8 +172,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|(n, r)| json!({"model": n, "reason": r}))
         .collect();
-    let body = json!({"ready": !state.engines.is_empty(), "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused});
-    let status = if state.engines.is_empty() {
+    let draining = state.shutdown.is_draining();
+    let ready = !state.engines.is_empty() && !draining;
+    let body = json!({"ready": ready, "draining": draining, "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused});
+    let status = if !ready {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     } else {
         axum::http::StatusCode::OK
@@ -467,6 +469,22 @@ pub async fn serve(
         .into_iter()
         .map(|e| (e.name().to_owned(), Arc::new(e)))
         .collect();
+    // Shutdown: SIGTERM starts draining (no new connections, /ready false);
+    // `limits.drain_timeout` later, requests still running are ended.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(false);
+    let drain_timeout = config.limits.drain_timeout;
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            "shutting down: draining"
+        );
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(drain_timeout).await;
+        tracing::warn!("drain deadline passed: ending the requests still running");
+        let _ = deadline_tx.send(true);
+    });
     let state = Arc::new(AppState {
         engines,
         refused: models.refused,
@@ -484,6 +502,10 @@ pub async fn serve(
         request_timeout: config.limits.request_timeout,
         rate: Arc::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
         default_max_tokens: config.engine.default_max_tokens as u64,
+        shutdown: state::Shutdown {
+            draining: stop_rx.clone(),
+            deadline: deadline_rx,
+        },
     });
     {
         // Forget limiter state that no longer limits anyone.
@@ -504,11 +526,6 @@ pub async fn serve(
     }
     watch_keys(state.clone(), keys);
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     watch_tls(
         [
             ("inference", bound.inference_tls.clone()),

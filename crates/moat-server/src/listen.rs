@@ -93,9 +93,31 @@ impl PlaneServer {
                 }
             }
         }
-        while conns.join_next().await.is_some() {}
+        // Drain: open connections finish their requests. Once the drain
+        // deadline has passed, handlers end what is still running (streams
+        // get an error chunk and `[DONE]`); connections still open a grace
+        // period after that are closed.
+        let mut deadline = std::pin::pin!(async {
+            state.shutdown.deadline_passed().await;
+            tokio::time::sleep(DEADLINE_GRACE).await;
+        });
+        loop {
+            tokio::select! {
+                next = conns.join_next() => if next.is_none() { break },
+                () = &mut deadline => {
+                    tracing::warn!(plane = self.plane.as_str(), open = conns.len(), "closing connections still open after the drain deadline");
+                    conns.abort_all();
+                    while conns.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
     }
 }
+
+/// After the drain deadline, how long handlers get to write their final
+/// bytes before their connections are closed.
+const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 
 #[allow(
     clippy::too_many_arguments,

@@ -317,7 +317,14 @@ async fn complete_response(
     let mut reasoning = String::new();
     let mut timer = TokenTimer::new(ctx.started());
     loop {
-        match events.recv().await {
+        let next = tokio::select! {
+            ev = events.recv() => ev,
+            () = state.shutdown.deadline_passed() => {
+                ctx.set_error("shutting_down");
+                return Err(ApiError::shutting_down());
+            }
+        };
+        match next {
             Some(Event::Started { queue_wait }) => {
                 state.metrics.observe_queue_wait(engine.name(), queue_wait)
             }
@@ -401,7 +408,18 @@ fn stream_response(
                 break 'stream false;
             }
             let mut timer = TokenTimer::new(ctx.started());
-            while let Some(ev) = events.recv().await {
+            loop {
+                let next = tokio::select! {
+                    ev = events.recv() => ev,
+                    // Past the drain deadline the stream ends with an error
+                    // chunk and `[DONE]`; dropping `events` stops the worker.
+                    () = state.shutdown.deadline_passed() => {
+                        ctx.set_error("shutting_down");
+                        let _ = send(ApiError::shutting_down().body()).await;
+                        break;
+                    }
+                };
+                let Some(ev) = next else { break };
                 match ev {
                     Event::Started { queue_wait } => state.metrics.observe_queue_wait(&model, queue_wait),
                     Event::Delta {

@@ -41,6 +41,31 @@ pub struct AppState {
     pub rate: Arc<crate::ratelimit::RateLimits>,
     /// `max_tokens` of a request that gives none (`engine.default_max_tokens`).
     pub default_max_tokens: u64,
+    /// The shutdown phases: `draining` once SIGTERM arrived (`/ready` says
+    /// false, listeners stop accepting), `deadline` once `limits.drain_timeout`
+    /// has passed (streams end with a `shutting_down` error).
+    pub shutdown: Shutdown,
+}
+
+/// Shutdown phases, observable by handlers.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub deadline: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Resolves once the drain deadline has passed (never, if it does not).
+    pub async fn deadline_passed(&self) {
+        let mut rx = self.deadline.clone();
+        if rx.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl AppState {

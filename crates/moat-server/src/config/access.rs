@@ -170,6 +170,7 @@ pub struct RawLimits {
     pub header_read_timeout: Option<RawDuration>,
     pub request_timeout: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
+    pub drain_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +184,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// A keep-alive connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
+    /// After SIGTERM, how long in-flight requests (streams included) may
+    /// run on; then streams end with a `shutting_down` error and `[DONE]`.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -192,6 +196,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -228,6 +233,12 @@ impl RawLimits {
                 self.idle_timeout,
                 d.idle_timeout,
                 (ms(100), s(86_400)),
+            )?,
+            drain_timeout: duration(
+                "limits.drain_timeout",
+                self.drain_timeout,
+                d.drain_timeout,
+                (ms(100), s(3_600)),
             )?,
         })
     }
