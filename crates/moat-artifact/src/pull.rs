@@ -341,16 +341,7 @@ fn pull_local(
             sha256: d.sha256,
         });
     }
-    if let Some(lock) = &req.locked {
-        let got: Vec<_> = locked
-            .iter()
-            .map(|f| (f.path.clone(), Some(f.size), Some(f.sha256.clone())))
-            .collect();
-        let r = compare_to_lock(lock, &got);
-        if !r.is_empty() {
-            return Err(PullError::Refused(r));
-        }
-    }
+    check_locked(req, &locked)?;
     let revision = Lock::content_revision(&locked);
     let out = finish(store, req, name, &source.url(), &revision, &qdir, locked)?;
     if matches!(out, PullOutcome::Promoted { .. }) {
@@ -584,16 +575,7 @@ fn download_and_finish(
     if !failures.is_empty() {
         return Err(PullError::Download(failures));
     }
-    if let Some(lock) = &req.locked {
-        let got: Vec<_> = locked
-            .iter()
-            .map(|f| (f.path.clone(), Some(f.size), Some(f.sha256.clone())))
-            .collect();
-        let r = compare_to_lock(lock, &got);
-        if !r.is_empty() {
-            return Err(PullError::Refused(r));
-        }
-    }
+    check_locked(req, &locked)?;
     // Only the selected files may be promoted: drop leftovers of an earlier
     // run of this folder with other globs, and the partial-file tree.
     let files_dir = qdir.join(FILES_DIR);
@@ -615,6 +597,21 @@ fn download_and_finish(
 
 /// Signature, scan, lock, promote: the common end of every pull. `qdir`
 /// holds exactly the model's files under `files/`.
+/// With `--locked`: the files just hashed must be exactly the lock's.
+fn check_locked(req: &PullRequest, locked: &[LockedFile]) -> Result<(), PullError> {
+    let Some(lock) = &req.locked else { return Ok(()) };
+    let got: Vec<_> = locked
+        .iter()
+        .map(|f| (f.path.clone(), Some(f.size), Some(f.sha256.clone())))
+        .collect();
+    let r = compare_to_lock(lock, &got);
+    if r.is_empty() {
+        Ok(())
+    } else {
+        Err(PullError::Refused(r))
+    }
+}
+
 fn finish(
     store: &Store,
     req: &PullRequest,

@@ -263,9 +263,9 @@ impl<R: Read + Seek> Cursor<R> {
         Ok(buf)
     }
 
-    /// A GGUF string: u64 length, then that many bytes; `max` is the cap.
-    /// Returns the offset of the length field and the bytes.
-    fn string(&mut self, max: u64, what: &str) -> Result<(u64, Vec<u8>), Stop> {
+    /// A GGUF string's u64 length, checked against the cap `max`; returns
+    /// the offset of the length field and the length.
+    fn string_len(&mut self, max: u64, what: &str) -> Result<(u64, u64), Stop> {
         let at = self.pos;
         let n = self.u64(what)?;
         if n > max {
@@ -275,20 +275,19 @@ impl<R: Read + Seek> Cursor<R> {
                 at,
             ));
         }
+        Ok((at, n))
+    }
+
+    /// A GGUF string: u64 length, then that many bytes; `max` is the cap.
+    /// Returns the offset of the length field and the bytes.
+    fn string(&mut self, max: u64, what: &str) -> Result<(u64, Vec<u8>), Stop> {
+        let (at, n) = self.string_len(max, what)?;
         Ok((at, self.vec(n, what)?))
     }
 
     /// Skips a GGUF string after checking its length against `max`.
     fn skip_string(&mut self, max: u64, what: &str) -> Result<(), Stop> {
-        let at = self.pos;
-        let n = self.u64(what)?;
-        if n > max {
-            return Err(malformed(
-                rule::LIMIT,
-                format!("{what} is {n} bytes long; the limit is {max}"),
-                at,
-            ));
-        }
+        let (_, n) = self.string_len(max, what)?;
         self.skip(n, what)
     }
 }

@@ -67,15 +67,8 @@ pub fn scan_paths(paths: &[PathBuf]) -> Report {
             }),
         }
     }
-    let paths: Vec<Option<PathBuf>> = jobs
-        .iter()
-        .map(|j| match j {
-            Job::Scan { path, .. } => Some(path.clone()),
-            Job::Failed { .. } => None,
-        })
-        .collect();
     let mut files = run_jobs(jobs);
-    allow_onnx_external_data(&mut files, &paths);
+    allow_onnx_external_data(&mut files);
     Report::from_files(files)
 }
 
@@ -85,19 +78,14 @@ pub fn scan_paths(paths: &[PathBuf]) -> Report {
 /// though its bytes have no recognisable format. Nothing else is: the file
 /// must have been refused *only* for being unrecognised binary, and the
 /// location must have passed the model's own path checks.
-fn allow_onnx_external_data(files: &mut [FileReport], paths: &[Option<PathBuf>]) {
+fn allow_onnx_external_data(files: &mut [FileReport]) {
     let mut referenced = std::collections::HashSet::new();
-    for (file, path) in files.iter().zip(paths) {
-        let Some(path) = path else { continue };
+    for file in files.iter() {
         if file.format != Format::Onnx || file.verdict != Verdict::Clean {
             continue;
         }
-        let Ok(handle) = File::open(path) else { continue };
-        let Ok((_, locations)) = onnx::check_with_references(handle, path.parent()) else {
-            continue;
-        };
         let dir = file.path.rsplit_once('/').map_or("", |(d, _)| d);
-        for loc in locations {
+        for loc in &file.external_data {
             let loc = loc.trim_start_matches("./");
             referenced.insert((
                 if dir.is_empty() {
@@ -187,6 +175,7 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
     // The name is only a hint in one direction: a file that claims to be
     // safetensors is held to that claim, whatever its bytes look like.
     let claims_safetensors = rel.to_ascii_lowercase().ends_with(".safetensors");
+    let mut external_data = Vec::new();
     let (mut format, content) = if claims_safetensors {
         (Format::Safetensors, None)
     } else {
@@ -230,8 +219,11 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
                 return FileReport::failed(rel, format, findings);
             }
         },
-        Format::Onnx => match onnx::check_file(path) {
-            Ok(found) => findings.extend(found),
+        Format::Onnx => match onnx::check_file_with_references(path) {
+            Ok((found, references)) => {
+                findings.extend(found);
+                external_data = references;
+            }
             Err(onnx::NotOnnx::Io(e)) => return io_failure(rel, format, findings, "read", &e),
             Err(not_onnx) => {
                 // It only looked like ONNX: judge it as the binary it is.
@@ -284,7 +276,9 @@ pub fn scan_file(path: &Path, rel: &str) -> FileReport {
             (None, _) => findings.push(hf::config_not_json(rel, format)),
         }
     }
-    FileReport::new(rel, format, findings)
+    let mut report = FileReport::new(rel, format, findings);
+    report.external_data = external_data;
+    report
 }
 
 fn not_allowed_message(format: Format) -> String {

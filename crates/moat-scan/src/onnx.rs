@@ -374,8 +374,13 @@ pub fn check_with_references<R: Read + Seek>(
 
 /// [`check`] on a file, with its folder for the existence check.
 pub fn check_file(path: &Path) -> Result<Vec<Finding>, NotOnnx> {
+    check_file_with_references(path).map(|(findings, _)| findings)
+}
+
+/// [`check_with_references`] on a file, with its folder.
+pub fn check_file_with_references(path: &Path) -> Result<(Vec<Finding>, Vec<String>), NotOnnx> {
     let file = File::open(path)?;
-    check(file, path.parent())
+    check_with_references(file, path.parent())
 }
 
 /// Cheap first look for sniffing: field 1 (ir_version) as a varint between

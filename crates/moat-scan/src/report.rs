@@ -93,6 +93,12 @@ pub struct FileReport {
     pub format: Format,
     pub verdict: Verdict,
     pub findings: Vec<Finding>,
+    /// Files (relative to this file's folder) that its loader reads as raw
+    /// data: an ONNX model's external data locations that passed the path
+    /// checks. Not part of the JSON report; used by the folder-level pass
+    /// in [`crate::scan_paths`].
+    #[serde(skip)]
+    pub external_data: Vec<String>,
 }
 
 impl FileReport {
@@ -108,6 +114,7 @@ impl FileReport {
             format,
             verdict,
             findings,
+            external_data: Vec::new(),
         }
     }
 
@@ -118,6 +125,7 @@ impl FileReport {
             format,
             verdict: Verdict::Error,
             findings,
+            external_data: Vec::new(),
         }
     }
 }
