@@ -281,6 +281,9 @@ pub struct Principal {
     pub kind: PrincipalKind,
     /// `None`: every model; `Some(list)`: only these (possibly none).
     models: Option<Vec<String>>,
+    /// When the credential stops working (Unix seconds), when known: keys
+    /// it creates may not outlive it.
+    pub expires: Option<u64>,
 }
 
 impl Principal {
@@ -291,7 +294,19 @@ impl Principal {
             role,
             kind,
             models,
+            expires: None,
         }
+    }
+
+    /// The credential's expiry (Unix seconds).
+    pub fn with_expiry(mut self, expires: Option<u64>) -> Self {
+        self.expires = expires;
+        self
+    }
+
+    /// The model scope: `None` for every model.
+    pub fn models(&self) -> Option<&[String]> {
+        self.models.as_deref()
     }
 
     pub fn may_use_model(&self, model: &str) -> bool {
@@ -355,6 +370,7 @@ impl Keyring {
             kind: PrincipalKind::ApiKey,
             // An empty list in the keys file means every model.
             models: (!rec.models.is_empty()).then(|| rec.models.clone()),
+            expires: rec.expires,
         })
     }
 }

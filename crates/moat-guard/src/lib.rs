@@ -6,6 +6,8 @@
 pub mod jwt;
 pub mod keys;
 pub mod ratelimit;
+pub mod rbac;
 pub mod totp;
 
 pub use keys::{AuthError, Keyring, Principal, PrincipalKind, Role};
+pub use rbac::{Grants, Permission, Rbac, RoleSpec, grants_within};

@@ -243,6 +243,19 @@ impl TotpStore {
         })
     }
 
+    /// Re-reads the file (enrolments made by `moat keys totp enroll` while
+    /// a server runs), keeping the replay memory: a reload must never make
+    /// a used code valid again.
+    pub fn reload(&mut self) -> Result<(), StoreError> {
+        let fresh = TotpStore::load(&self.path)?;
+        self.secrets = fresh.secrets;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn is_enrolled(&self, principal: &str) -> bool {
         self.secrets.contains_key(principal)
     }

@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod access;
+pub mod management;
 pub use access::{
     JwtIssuerConfig, Limits, OnRedisError, PlaneAccess, PrincipalLimits, RateLimitConfig, RawAuth, RawLimits,
     RawRateLimits, RawTls,
 };
+pub use management::{ManagementConfig, ModelControl, RawManagement, RawRbac};
 
 /// Routes that may be configured public. Everything else always requires a key.
 pub const PUBLIC_ROUTE_CHOICES: &[&str] = &["/health", "/ready"];
@@ -51,6 +53,11 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    /// `[management]`: the management plane exists only when present.
+    pub management: Option<RawManagement>,
+    /// `[rbac.roles.NAME]`: each role's permissions and TOTP step-up.
+    #[serde(default)]
+    pub rbac: RawRbac,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +206,9 @@ pub struct Config {
     /// Client-certificate principal (SAN URI, DNS, e-mail or CN) → role.
     pub mtls_roles: std::collections::BTreeMap<String, moat_guard::Role>,
     pub rate_limits: RateLimitConfig,
+    /// The management plane, when `[management]` is configured.
+    pub management: Option<ManagementConfig>,
+    pub rbac: moat_guard::Rbac,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,7 +406,22 @@ impl RawConfig {
             jwt.push(issuer);
         }
         let mtls_roles = self.auth.mtls.validate()?;
-        if !mtls_roles.is_empty() && inference_access.tls.is_none() && metrics_access.tls.is_none() {
+        let management = self.management.map(|m| m.validate(&home)).transpose()?;
+        if let Some(m) = &management
+            && [inference_listen, metrics_listen].contains(&m.listen)
+            && m.listen.port() != 0
+        {
+            return Err(invalid(
+                "management.listen",
+                format!("{} is also the inference or metrics address", m.listen),
+            ));
+        }
+        let rbac = self.rbac.validate()?;
+        if !mtls_roles.is_empty()
+            && inference_access.tls.is_none()
+            && metrics_access.tls.is_none()
+            && management.as_ref().is_none_or(|m| m.access.tls.is_none())
+        {
             return Err(invalid(
                 "auth.mtls.roles",
                 "client certificates need TLS with client_auth on a plane",
@@ -404,6 +429,8 @@ impl RawConfig {
         }
         let rate_limits = self.rate_limits.validate()?;
         Ok(Config {
+            management,
+            rbac,
             inference_access,
             metrics_access,
             limits,

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod listen;
+pub mod management;
 pub mod metrics;
 pub mod middleware;
 pub mod net;
@@ -19,6 +20,7 @@ use crate::error::ApiError;
 use crate::metrics::{LoadStage, ModelLoadReport, Plane};
 use crate::middleware::{
     PublicRoutes, authenticate, rate_limit, request_context, request_timeout, require_admin,
+    require_inference,
 };
 use crate::state::AppState;
 use crate::tls::Reloadable;
@@ -92,35 +94,15 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
         let started = std::time::Instant::now();
         let mut report = ModelLoadReport::new(name.as_str());
         // The active version's folder, as `models/NAME/current` names it now.
-        let result = store
-            .model_dir(name)
-            .map_err(|e| e.to_string())
-            .and_then(|dir| report.time(LoadStage::Scan, || rescan(&dir)).map(|()| dir))
-            .and_then(|dir| {
-                report.time(LoadStage::Verify, || {
-                    moat_artifact::verify::load_verified(&dir)
-                        .map_err(|e| format!("verification failed: {e}"))
-                })
-            })
-            .and_then(|m| match &model.signature {
-                None => Ok(m),
-                // The lock's digests were just checked against the bytes, so
-                // the signature is checked against them without re-hashing.
-                Some(policy) => report.time(LoadStage::Signature, || {
-                    policy
-                        .check(m.file(&policy.file), &m.lock().files)
-                        .map(|v| {
-                            tracing::info!(model = %name, signer = %v.signer, "signature verified");
-                            m
-                        })
-                        .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule()))
-                }),
-            })
-            .and_then(|m| {
-                report.time(LoadStage::Engine, || {
-                    Engine::start(m, config.engine.clone()).map_err(|e| e.to_string())
-                })
-            });
+        let result = store.model_dir(name).map_err(|e| e.to_string()).and_then(|dir| {
+            load_model(
+                name.as_str(),
+                &dir,
+                model.signature.as_deref(),
+                config.engine.clone(),
+                &mut report,
+            )
+        });
         report.seconds = started.elapsed().as_secs_f64();
         report.loaded = result.is_ok();
         reports.push(report);
@@ -144,6 +126,40 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
         engines,
         refused,
         reports,
+    })
+}
+
+/// Scan, verify (and check the signature policy of) one stored version
+/// folder, then start its engine. Blocking (hashes every file): the start
+/// path calls it before serving, the management plane from
+/// `spawn_blocking`.
+pub fn load_model(
+    name: &str,
+    dir: &std::path::Path,
+    signature: Option<&moat_artifact::policy::SignaturePolicy>,
+    engine: moat_engine::generate::EngineOptions,
+    report: &mut ModelLoadReport,
+) -> Result<Engine, String> {
+    report.time(LoadStage::Scan, || rescan(dir))?;
+    let m = report.time(LoadStage::Verify, || {
+        moat_artifact::verify::load_verified(dir).map_err(|e| format!("verification failed: {e}"))
+    })?;
+    let m = match signature {
+        None => m,
+        // The lock's digests were just checked against the bytes, so the
+        // signature is checked against them without re-hashing.
+        Some(policy) => report.time(LoadStage::Signature, || {
+            policy
+                .check(m.file(&policy.file), &m.lock().files)
+                .map(|v| {
+                    tracing::info!(model = %name, signer = %v.signer, "signature verified");
+                    m
+                })
+                .map_err(|e| format!("signature policy ({}): {}: {e}", policy.describe(), e.rule()))
+        })?,
+    };
+    report.time(LoadStage::Engine, || {
+        Engine::start(m, engine).map_err(|e| e.to_string())
     })
 }
 
@@ -173,8 +189,9 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .map(|(n, r)| json!({"model": n, "reason": r}))
         .collect();
     let draining = state.shutdown.is_draining();
-    let ready = !state.engines.is_empty() && !draining;
-    let body = json!({"ready": ready, "draining": draining, "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused});
+    let engines = state.engines();
+    let ready = !engines.is_empty() && !draining;
+    let body = json!({"ready": ready, "draining": draining, "models": engines.keys().collect::<Vec<_>>(), "refused": refused});
     let status = if !ready {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -184,7 +201,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    state.metrics.observe_engines(&state.engines);
+    state.metrics.observe_engines(&state.engines());
     // The audit log counts its own failures (including records whose write
     // failed after `submit` returned); the counter mirrors it.
     if let Some(log) = &state.audit {
@@ -225,6 +242,10 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_inference,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), public),
             authenticate,
@@ -268,7 +289,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
 }
 
 /// Identity of the keys file's current content, to notice edits cheaply.
-fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+pub(crate) fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
@@ -320,9 +341,12 @@ pub struct Bound {
     metrics: tokio::net::TcpListener,
     inference_tls: Option<Arc<Reloadable>>,
     metrics_tls: Option<Arc<Reloadable>>,
+    /// The management plane's listener and TLS, when `[management]` is set.
+    management: Option<(tokio::net::TcpListener, Option<Arc<Reloadable>>)>,
     reload: ReloadHandle,
     pub inference_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub management_addr: Option<SocketAddr>,
 }
 
 impl Bound {
@@ -363,7 +387,18 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
         l.local_addr()
             .map_err(|source| ServerError::Bind { plane, addr, source })
     };
+    let (management, management_addr) = match &config.management {
+        None => (None, None),
+        Some(m) => {
+            let t = tls("management", &m.access.tls)?;
+            let l = listen("management", m.listen).await?;
+            let addr = local(&l, "management", m.listen)?;
+            (Some((l, t)), Some(addr))
+        }
+    };
     Ok(Bound {
+        management,
+        management_addr,
         inference_addr: local(&inference, "inference", config.inference_listen)?,
         metrics_addr: local(&metrics, "metrics", config.metrics_listen)?,
         inference,
@@ -486,7 +521,8 @@ pub async fn serve(
         let _ = deadline_tx.send(true);
     });
     let state = Arc::new(AppState {
-        engines,
+        engines: RwLock::new(Arc::new(engines)),
+        rbac: config.rbac.clone(),
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
         keyring: RwLock::new(Arc::new(keyring)),
@@ -530,6 +566,7 @@ pub async fn serve(
         [
             ("inference", bound.inference_tls.clone()),
             ("metrics", bound.metrics_tls.clone()),
+            ("management", bound.management.as_ref().and_then(|m| m.1.clone())),
         ]
         .into_iter()
         .filter_map(|(p, t)| t.map(|t| (p, t)))
@@ -549,6 +586,23 @@ pub async fn serve(
             }
         };
     let scheme = |t: &Option<Arc<Reloadable>>| if t.is_some() { "https" } else { "http" };
+    // Logged first: tests read the addresses from these lines, and the
+    // management line must be there once the other two are.
+    let management_plane = match (bound.management, bound.management_addr, &config.management) {
+        (Some((listener, tls)), Some(addr), Some(mc)) => {
+            let m = management::Management::new(state.clone(), config)
+                .map_err(|message| ServerError::Auth(format!("management.totp_file: {message}")))?;
+            tracing::info!(scheme = scheme(&tls), addr = %addr, model_control = ?mc.model_control, "management plane listening");
+            Some(plane(
+                Plane::Management,
+                listener,
+                &mc.access,
+                tls,
+                management::router(Arc::new(m)),
+            ))
+        }
+        _ => None,
+    };
     tracing::info!(scheme = scheme(&bound.inference_tls), addr = %bound.inference_addr, "inference plane listening");
     tracing::info!(scheme = scheme(&bound.metrics_tls), addr = %bound.metrics_addr, "metrics plane listening");
     let inference = plane(
@@ -565,9 +619,18 @@ pub async fn serve(
         bound.metrics_tls,
         metrics_router(state.clone()),
     );
+    let management_run = {
+        let (state, stop) = (state.clone(), stop_rx.clone());
+        async move {
+            if let Some(p) = management_plane {
+                p.run(state, stop).await;
+            }
+        }
+    };
     tokio::join!(
         inference.run(state.clone(), stop_rx.clone()),
-        metrics_plane.run(state.clone(), stop_rx)
+        metrics_plane.run(state.clone(), stop_rx),
+        management_run
     );
     // Every request has finished: the stop record, then everything queued
     // is written before exit (records are never lost on SIGTERM).
@@ -619,7 +682,7 @@ fn open_audit(a: &config::AuditConfig) -> Result<AuditLog, ServerError> {
 /// With `fail_closed`, a log that cannot record the start stops the start.
 async fn lifecycle(log: &AuditLog, config: &Config, state: &AppState) -> Result<(), ServerError> {
     let mut recs = vec![AuditRecord::new(action::SERVER_START, Outcome::Ok)];
-    for (name, engine) in &state.engines {
+    for (name, engine) in state.engines().iter() {
         let mut r = AuditRecord::new(action::MODEL_LOAD, Outcome::Ok);
         r.model = Some(name.clone());
         r.model_digest = Some(engine.revision().to_owned());

@@ -32,6 +32,7 @@ use std::time::Duration;
 pub enum Plane {
     Inference,
     Metrics,
+    Management,
 }
 
 impl Plane {
@@ -39,6 +40,7 @@ impl Plane {
         match self {
             Plane::Inference => "inference",
             Plane::Metrics => "metrics",
+            Plane::Management => "management",
         }
     }
 }

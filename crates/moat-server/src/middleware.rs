@@ -12,8 +12,10 @@
 //!    mapped client certificate) unless it is in the plane's public list,
 //!    so a new route cannot skip authentication by being forgotten. The
 //!    [`Principal`] goes into the request extensions.
-//! 4. authorize: [`require_admin`] on the metrics plane; per model in the
-//!    inference handlers.
+//! 4. authorize: role permissions (`[rbac]`): [`require_admin`]
+//!    (`metrics:read`) on the metrics plane, [`require_inference`] on the
+//!    inference plane and `management::authorize` (plus TOTP step-up) on
+//!    the management plane; per-model scopes in the handlers.
 //! 5. [`rate_limit`]: global cap, per-principal concurrency and
 //!    requests/min; it needs the principal, so it comes after
 //!    authentication (an unauthenticated flood is refused by the cheaper
@@ -30,7 +32,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use moat_guard::{AuthError, Principal};
+use moat_guard::{AuthError, Permission, Principal};
 use std::sync::Arc;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -238,18 +240,42 @@ pub async fn request_timeout(State(state): State<Arc<AppState>>, req: Request, n
     }
 }
 
-/// Metrics need an admin key unless `metrics.public = true`.
+/// Metrics need the `metrics:read` permission (an admin by default) unless
+/// `metrics.public = true`. The reason label stays `admin_required`, the
+/// name dashboards already count.
 pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.metrics_public {
         return next.run(req).await;
     }
     match req.extensions().get::<Principal>() {
-        Some(p) if p.is_admin() => next.run(req).await,
+        Some(p) if state.rbac.allows(p, Permission::MetricsRead) => next.run(req).await,
         _ => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "admin_required"));
             }
-            ApiError::forbidden("this route needs an admin key").into_response()
+            ApiError::forbidden("this route needs the metrics:read permission (an admin key by default)")
+                .into_response()
         }
+    }
+}
+
+/// The OpenAI routes (`/v1/...`) need the `inference` permission; `/health`
+/// and `/ready` need only a credential (or none when public).
+pub async fn require_inference(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    match req.extensions().get::<Principal>() {
+        Some(p) if !state.rbac.allows(p, Permission::Inference) => {
+            if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
+                ctx.set_rejection(Rejection::new("rbac", "missing_permission"));
+            }
+            ApiError::forbidden(format!(
+                "role {} lacks the inference permission this route needs",
+                p.role
+            ))
+            .into_response()
+        }
+        _ => next.run(req).await,
     }
 }

@@ -91,7 +91,7 @@ pub async fn list_models(
     principal: axum::Extension<Principal>,
 ) -> Response {
     let data: Vec<Value> = state
-        .engines
+        .engines()
         .keys()
         .filter(|name| principal.may_use_model(name))
         .map(|name| model_object(name, state.loaded_at))
@@ -112,7 +112,7 @@ pub async fn get_model(
     parts: axum::http::request::Parts,
     Path(model): Path<String>,
 ) -> Response {
-    if !state.engines.contains_key(&model) {
+    if state.engine(&model).is_none() {
         ApiError::model_not_found(&model).into_response()
     } else if !principal.may_use_model(&model) {
         if let Some(ctx) = context(&parts) {
@@ -218,18 +218,15 @@ pub async fn chat_completions(
     let ctx = context(&parts).ok_or_else(|| ApiError::internal("request context missing"))?;
     let req: ChatCompletionRequest = parse_body(body, state.max_body_bytes)?;
     let engine = state
-        .engines
-        .get(&req.model)
-        .filter(|_| principal.may_use_model(&req.model))
-        .ok_or_else(|| {
-            if state.engines.contains_key(&req.model) {
-                ctx.set_rejection(MODEL_SCOPE);
-                ApiError::forbidden(format!("this API key may not use model `{}`", req.model))
-            } else {
-                ApiError::model_not_found(&req.model)
-            }
-        })?
-        .clone();
+        .engine(&req.model)
+        .ok_or_else(|| ApiError::model_not_found(&req.model))?;
+    if !principal.may_use_model(&req.model) {
+        ctx.set_rejection(MODEL_SCOPE);
+        return Err(ApiError::forbidden(format!(
+            "this API key may not use model `{}`",
+            req.model
+        )));
+    }
     ctx.set_model(engine.name(), engine.revision());
     // The role's caps, then the token budget: `max_tokens` is the most this
     // request can cost, reserved now and settled when the response ends.

@@ -16,8 +16,17 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+/// The served models by name. Replaced whole (copy on write) when the
+/// management plane adds, removes or switches a model, so a request takes
+/// one snapshot and never sees a half-changed set.
+pub type EngineMap = BTreeMap<String, Arc<Engine>>;
+
 pub struct AppState {
-    pub engines: BTreeMap<String, Arc<Engine>>,
+    /// Read with [`AppState::engines`] / [`AppState::engine`]: one read
+    /// lock and an `Arc` clone per request; writers are management calls.
+    pub engines: RwLock<Arc<EngineMap>>,
+    /// Role → permissions (`[rbac]`).
+    pub rbac: moat_guard::Rbac,
     /// Models configured but refused at load, with the reason.
     pub refused: Vec<(String, String)>,
     /// Unix time the models were loaded (the `created` of `/v1/models`).
@@ -69,6 +78,34 @@ impl Shutdown {
 }
 
 impl AppState {
+    /// The current model set.
+    pub fn engines(&self) -> Arc<EngineMap> {
+        match self.engines.read() {
+            Ok(e) => e.clone(),
+            Err(poison) => poison.into_inner().clone(),
+        }
+    }
+
+    pub fn engine(&self, name: &str) -> Option<Arc<Engine>> {
+        match self.engines.read() {
+            Ok(e) => e.get(name).cloned(),
+            Err(poison) => poison.into_inner().get(name).cloned(),
+        }
+    }
+
+    /// Change the model set atomically: `f` edits a copy, which then
+    /// replaces the current map in one store. Returns what `f` returned.
+    pub fn update_engines<R>(&self, f: impl FnOnce(&mut EngineMap) -> R) -> R {
+        let mut guard = match self.engines.write() {
+            Ok(g) => g,
+            Err(poison) => poison.into_inner(),
+        };
+        let mut next = EngineMap::clone(&guard);
+        let out = f(&mut next);
+        *guard = Arc::new(next);
+        out
+    }
+
     pub fn keyring(&self) -> Arc<Keyring> {
         match self.keyring.read() {
             Ok(k) => k.clone(),
@@ -188,12 +225,19 @@ impl RequestContext {
     /// response status is set; stream token counts may still grow).
     pub fn audit_record(&self, client: Option<String>) -> AuditRecord {
         self.with(|f| {
-            let act = match (f.status, f.route.as_str()) {
-                (401, _) => action::AUTH_REJECT,
-                (_, "/v1/chat/completions") => action::INFERENCE_CHAT,
-                (_, "/v1/models" | "/v1/models/{model}") => action::INFERENCE_MODELS,
-                (_, "/metrics") => "metrics.read",
-                (_, "/health" | "/ready") => "health.read",
+            let act = match (f.status, self.method.as_str(), f.route.as_str()) {
+                (401, _, _) => action::AUTH_REJECT,
+                (_, "POST", "/models") => action::MODEL_PULL,
+                (_, "PUT", "/models/{name}") => "model.activate",
+                (_, "DELETE", "/models/{name}") => action::MODEL_UNLOAD,
+                (_, _, "/models" | "/models/{name}") => "models.read",
+                (_, "POST", "/keys") => action::KEY_CREATE,
+                (_, "DELETE", "/keys/{id}") => action::KEY_REVOKE,
+                (_, _, "/keys") => "keys.read",
+                (_, _, "/v1/chat/completions") => action::INFERENCE_CHAT,
+                (_, _, "/v1/models" | "/v1/models/{model}") => action::INFERENCE_MODELS,
+                (_, _, "/metrics") => "metrics.read",
+                (_, _, "/health" | "/ready") => "health.read",
                 _ => "http.request",
             };
             let (outcome, stage) = match f.status {

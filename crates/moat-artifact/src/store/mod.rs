@@ -207,6 +207,22 @@ impl Store {
         Ok(version.to_owned())
     }
 
+    /// Make the stored `version` of `name` the active one (`current` is
+    /// replaced atomically under the model's lock); the other versions stay
+    /// for rollback. The management API's `PUT /models/{name}` uses it.
+    pub fn set_active(&self, name: &ModelName, version: &str) -> Result<(), StoreError> {
+        let not_found = || StoreError::VersionNotFound {
+            name: name.to_string(),
+            version: version.to_owned(),
+        };
+        check_version_name(version).map_err(|_| not_found())?;
+        let _model_lock = self.lock_model(name)?;
+        if !self.version_dir(name, version).is_dir() {
+            return Err(not_found());
+        }
+        self.write_current(&self.model_root(name), version)
+    }
+
     /// Names of the models in the store (those with a `current`), sorted.
     pub fn models(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();

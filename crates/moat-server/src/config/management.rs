@@ -1,0 +1,151 @@
+//! The management plane's configuration (`[management]`) and the role →
+//! permission table (`[rbac.roles.NAME]`).
+//!
+//! The management plane exists only when the file has a `[management]`
+//! table: a server that was not asked for a management API has no
+//! listener for one (the smallest attack surface by default, and existing
+//! deployments keep exactly the ports they had).
+
+use super::access::{PlaneAccess, RawTls, plane_access};
+use super::{ConfigError, PUBLIC_ROUTE_CHOICES, invalid};
+use moat_guard::Role;
+use moat_guard::rbac::{Permission, Rbac, RoleSpec};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_MANAGEMENT_LISTEN: &str = "127.0.0.1:8081";
+
+/// `[management]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManagement {
+    pub listen: Option<String>,
+    pub allow_cidrs: Option<Vec<String>>,
+    pub tls: Option<RawTls>,
+    pub public_routes: Option<Vec<String>>,
+    pub model_control: Option<String>,
+    pub totp_file: Option<PathBuf>,
+}
+
+/// Whether the model set may change at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelControl {
+    /// Models are fixed at start; management writes answer 405.
+    None,
+    /// `POST /models`, `PUT/DELETE /models/{name}` are served.
+    Explicit,
+}
+
+/// The management plane, validated.
+#[derive(Debug, Clone)]
+pub struct ManagementConfig {
+    pub listen: SocketAddr,
+    pub access: PlaneAccess,
+    pub public_routes: Vec<String>,
+    pub model_control: ModelControl,
+    /// TOTP enrolments (`moat keys totp enroll` writes them).
+    pub totp_file: PathBuf,
+}
+
+impl RawManagement {
+    pub fn validate(self, home: &Path) -> Result<ManagementConfig, ConfigError> {
+        let s = self
+            .listen
+            .unwrap_or_else(|| DEFAULT_MANAGEMENT_LISTEN.to_owned());
+        let listen = s.parse().map_err(|_| {
+            invalid(
+                "management.listen",
+                format!("{s:?} is not an address like {DEFAULT_MANAGEMENT_LISTEN}"),
+            )
+        })?;
+        let public_routes = self.public_routes.unwrap_or_default();
+        for (i, r) in public_routes.iter().enumerate() {
+            if !PUBLIC_ROUTE_CHOICES.contains(&r.as_str()) {
+                return Err(invalid(
+                    format!("management.public_routes[{i}]"),
+                    format!(
+                        "{r:?} cannot be public (allowed: {})",
+                        PUBLIC_ROUTE_CHOICES.join(", ")
+                    ),
+                ));
+            }
+        }
+        let model_control = match self.model_control.as_deref() {
+            None | Some("none") => ModelControl::None,
+            Some("explicit") => ModelControl::Explicit,
+            Some(v) => {
+                return Err(invalid(
+                    "management.model_control",
+                    format!("{v:?}: use \"none\" (default) or \"explicit\""),
+                ));
+            }
+        };
+        Ok(ManagementConfig {
+            listen,
+            access: plane_access("management", self.allow_cidrs, self.tls)?,
+            public_routes,
+            model_control,
+            totp_file: self.totp_file.unwrap_or_else(|| home.join("totp.json")),
+        })
+    }
+}
+
+/// `[rbac]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRbac {
+    #[serde(default)]
+    pub roles: BTreeMap<String, RawRole>,
+}
+
+/// `[rbac.roles.NAME]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    pub permissions: Option<Vec<String>>,
+    pub totp_required: Option<bool>,
+}
+
+impl RawRbac {
+    /// The built-in table with each configured role replaced. A role given
+    /// without `permissions` keeps its built-in set (so `totp_required`
+    /// alone can be switched on).
+    pub fn validate(self) -> Result<Rbac, ConfigError> {
+        let mut rbac = Rbac::default();
+        for (name, raw) in self.roles {
+            let key = format!("rbac.roles.{name}");
+            let role: Role = name.parse().map_err(|_| {
+                invalid(
+                    &key,
+                    format!(
+                        "{name:?}: roles are \"admin\" and \"user\" (custom role names are not supported)"
+                    ),
+                )
+            })?;
+            let permissions = match raw.permissions {
+                None => rbac.role(role).permissions.clone(),
+                Some(list) => {
+                    let mut out = std::collections::BTreeSet::new();
+                    for (i, p) in list.iter().enumerate() {
+                        let perm = Permission::parse(p).ok_or_else(|| {
+                            invalid(
+                                format!("{key}.permissions[{i}]"),
+                                format!(
+                                    "{p:?}: expected one of {}",
+                                    Permission::ALL.map(Permission::as_str).join(", ")
+                                ),
+                            )
+                        })?;
+                        out.insert(perm);
+                    }
+                    out
+                }
+            };
+            let spec = RoleSpec::new(permissions, raw.totp_required.unwrap_or(false));
+            rbac.set(role, spec);
+        }
+        Ok(rbac)
+    }
+}
