@@ -160,7 +160,9 @@ pub enum Escalation {
         creator: Role,
         permission: Permission,
     },
-    #[error("role {role} needs no TOTP code but the creating principal's role ({creator}) does")]
+    #[error(
+        "role {role} may make management writes without a TOTP code, but the creating principal's role ({creator}) needs one"
+    )]
     WeakerStepUp { role: Role, creator: Role },
     #[error("the new key would reach every model; the creating principal may use only {}", .0.join(", "))]
     AllModels(Vec<String>),
@@ -185,7 +187,8 @@ impl Escalation {
 }
 
 /// Refuses `requested` unless it is a subset of `creator`: the requested
-/// role's permissions ⊆ the creator's, its step-up at least as strict,
+/// role's permissions ⊆ the creator's, its step-up at least as strict
+/// when it may make management writes,
 /// models ⊆ the creator's scope, expiry ≤ the creator's. The one place
 /// every grant rule lives (per-key limits are checked here too when keys
 /// carry them).
@@ -199,7 +202,10 @@ pub fn grants_within(rbac: &Rbac, creator: &Grants, requested: &Grants) -> Resul
             permission: *p,
         });
     }
-    if have.totp_required && !want.totp_required {
+    // A key whose role may write without a code, minted by one that needs
+    // a code to write, would launder the step-up away.
+    let writes = want.allows(Permission::ModelsWrite) || want.allows(Permission::KeysWrite);
+    if have.totp_required && !want.totp_required && writes {
         return Err(Escalation::WeakerStepUp {
             role: requested.role,
             creator: creator.role,
@@ -320,5 +326,8 @@ mod tests {
             "grant_totp"
         );
         assert!(grants_within(&r, &admin, &g(Role::Admin, None, None)).is_ok());
+        // A role that cannot write sheds nothing by skipping the code.
+        r.set(Role::User, RoleSpec::new([Permission::Inference], false));
+        assert!(grants_within(&r, &admin, &g(Role::User, None, None)).is_ok());
     }
 }

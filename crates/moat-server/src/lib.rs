@@ -592,7 +592,7 @@ pub async fn serve(
         (Some((listener, tls)), Some(addr), Some(mc)) => {
             let m = management::Management::new(state.clone(), config)
                 .map_err(|message| ServerError::Auth(format!("management.totp_file: {message}")))?;
-            tracing::info!(scheme = scheme(&tls), addr = %addr, model_control = ?mc.model_control, "management plane listening");
+            tracing::info!(model_control = ?mc.model_control, scheme = scheme(&tls), addr = %addr, "management plane listening");
             Some(plane(
                 Plane::Management,
                 listener,

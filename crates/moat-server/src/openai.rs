@@ -383,6 +383,9 @@ fn stream_response(
     let model = engine.name().to_owned();
     let fp = fingerprint(&engine);
     tokio::spawn(async move {
+        // The stream holds its engine to the end: `DELETE /models/{name}`
+        // waits for every holder before it reports the model drained.
+        let _engine = engine;
         let chunk = |delta: Value, finish: Option<FinishReason>| {
             let mut c = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,

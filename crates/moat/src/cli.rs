@@ -244,9 +244,40 @@ enum KeysCommand {
     List,
     /// Revoke a key by id; a running server stops accepting it within a second.
     Revoke { id: String },
+    /// TOTP step-up for management writes: enrol or remove a principal.
+    Totp {
+        #[command(subcommand)]
+        cmd: TotpCommand,
+        /// Enrolments file (default: <store>/totp.json, as
+        /// management.totp_file).
+        #[arg(long, global = true, value_name = "FILE")]
+        totp_file: Option<PathBuf>,
+    },
     // Key-encryption keys for encryption at rest: rotate-kek, rewrap, retire-kek, list-keks.
     #[command(flatten)]
     Kek(crate::crypto_cmd::KekCommand),
+}
+
+#[derive(Subcommand)]
+enum TotpCommand {
+    /// Enrol a principal: prints the otpauth:// URI and a QR code once;
+    /// the secret is kept only in the enrolments file (0600).
+    Enroll {
+        /// An API key id (from `moat keys list`).
+        #[arg(long, conflicts_with = "principal", required_unless_present = "principal")]
+        key: Option<String>,
+        /// Any other principal, as the server names it (`jwt:ISSUER#SUB`,
+        /// `mtls:NAME`).
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Remove a principal's enrolment.
+    Remove {
+        #[arg(long, conflicts_with = "principal", required_unless_present = "principal")]
+        key: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -338,6 +369,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             store,
             ..
         } => crate::crypto_cmd::run(cmd, &store),
+        Command::Keys {
+            cmd: KeysCommand::Totp { cmd, totp_file },
+            keys_file,
+            store,
+        } => {
+            let keys_path = match keys_file {
+                Some(p) => p,
+                None => store.root()?.join("keys.json"),
+            };
+            let totp_path = match totp_file {
+                Some(p) => p,
+                None => store.root()?.join("totp.json"),
+            };
+            totp(cmd, &KeyStore::new(keys_path), &totp_path)
+        }
         Command::Keys {
             cmd,
             keys_file,
@@ -533,6 +579,55 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
             println!("revoked {}", rec.id);
         }
         KeysCommand::Kek(_) => bail!("KEK commands are dispatched before the keys file is opened"),
+        KeysCommand::Totp { .. } => bail!("TOTP commands are dispatched before the keys file is opened"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `moat keys totp enroll|remove`. A key id must exist in the keys file
+/// (a typo would otherwise enrol a principal nobody is).
+fn totp(cmd: TotpCommand, keys: &KeyStore, path: &Path) -> Result<ExitCode> {
+    use moat_guard::totp::{TotpStore, otpauth_uri, qr_for_terminal};
+    let principal = |key: Option<String>, principal: Option<String>| -> Result<String> {
+        match (key, principal) {
+            (Some(id), _) => {
+                if !keys.records()?.iter().any(|k| k.id == id) {
+                    bail!("no key with id {id:?} in {}", keys.path().display());
+                }
+                Ok(id)
+            }
+            (None, Some(p)) if !p.trim().is_empty() => Ok(p),
+            _ => bail!("give --key ID or --principal NAME"),
+        }
+    };
+    let mut store = TotpStore::load(path)?;
+    let now = moat_guard::keys::now_unix();
+    match cmd {
+        TotpCommand::Enroll { key, principal: p } => {
+            let who = principal(key, p)?;
+            let secret = store.enroll(&who, now)?;
+            let uri = otpauth_uri("moat", &who, &secret);
+            eprintln!(
+                "enrolled {who} in {}; scan the code or add the URI to an authenticator app now, it is not shown again:",
+                path.display()
+            );
+            if let Some(qr) = qr_for_terminal(&uri) {
+                println!("{qr}");
+            }
+            println!("{uri}");
+        }
+        TotpCommand::Remove { key, principal: p } => {
+            let who = match (key, p) {
+                (Some(id), _) => id,
+                (None, Some(p)) => p,
+                (None, None) => bail!("give --key ID or --principal NAME"),
+            };
+            if !store.remove(&who, now)? {
+                eprintln!("moat: {who} has no TOTP enrolment in {}", path.display());
+                return Ok(ExitCode::from(1));
+            }
+            println!("removed the TOTP enrolment of {who}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
