@@ -149,3 +149,73 @@ impl RawRbac {
         Ok(rbac)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use crate::config::{Config, ConfigError, RawConfig};
+    use moat_guard::Role;
+    use moat_guard::rbac::Permission;
+    use std::path::Path;
+
+    fn check(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!("[[models]]\nname = \"demo\"\n{extra}");
+        RawConfig::from_toml(&text, Path::new("moat.toml"))?.validate(Some("/h".into()))
+    }
+
+    fn err(extra: &str) -> String {
+        check(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn management_is_off_unless_configured() {
+        let c = check("").unwrap();
+        assert!(c.management.is_none());
+        let c = check("[management]\n").unwrap();
+        let m = c.management.unwrap();
+        assert_eq!(m.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(m.model_control, super::ModelControl::None);
+        assert_eq!(m.totp_file, Path::new("/h/totp.json"));
+        let c =
+            check("[management]\nmodel_control = \"explicit\"\nallow_cidrs = [\"10.0.0.0/8\"]\n").unwrap();
+        assert_eq!(c.management.unwrap().model_control, super::ModelControl::Explicit);
+    }
+
+    #[test]
+    fn bad_management_keys_are_named() {
+        assert!(err("[management]\nmodel_control = \"auto\"\n").starts_with("management.model_control:"));
+        assert!(err("[management]\nlisten = \"nope\"\n").starts_with("management.listen:"));
+        assert!(err("[management]\nlisten = \"127.0.0.1:8080\"\n").starts_with("management.listen:"));
+        assert!(
+            err("[management]\npublic_routes = [\"/keys\"]\n").starts_with("management.public_routes[0]:")
+        );
+        assert!(err("[management]\nallow_cidrs = [\"x\"]\n").starts_with("management.allow_cidrs[0]:"));
+    }
+
+    #[test]
+    fn rbac_roles_replace_the_defaults() {
+        let c = check(
+            "[rbac.roles.admin]\ntotp_required = true\n\
+             [rbac.roles.user]\npermissions = [\"inference\", \"keys:write\"]\n",
+        )
+        .unwrap();
+        let admin = c.rbac.role(Role::Admin);
+        assert!(admin.totp_required);
+        assert!(
+            admin.allows(Permission::ModelsWrite),
+            "permissions kept when not given"
+        );
+        let user = c.rbac.role(Role::User);
+        assert!(user.allows(Permission::KeysWrite));
+        assert!(
+            !user.allows(Permission::ModelsRead),
+            "the list replaces the default"
+        );
+        assert!(
+            err("[rbac.roles.user]\npermissions = [\"inference\", \"models:*\"]\n")
+                .starts_with("rbac.roles.user.permissions[1]:")
+        );
+        assert!(err("[rbac.roles.ops]\npermissions = []\n").starts_with("rbac.roles.ops:"));
+        assert!(err("[rbac.roles.user]\ntotp = true\n").contains("unknown field"));
+    }
+}
