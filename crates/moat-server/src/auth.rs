@@ -184,7 +184,9 @@ impl JwtAuth {
             format!("jwt:{}#{}", verified.issuer, verified.subject),
             role,
             models,
-        ))
+        )
+        // Keys a token holder creates may not outlive the token.
+        .with_expiry(Some(verified.expires)))
     }
 
     fn may_refresh(&self, index: usize) -> bool {

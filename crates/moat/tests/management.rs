@@ -474,4 +474,45 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
         "hashes are never listed"
     );
     assert!(rejections(&server, &admin, "rbac", "grant_model") >= 2);
+
+    // Every management call is in the audit chain: the refused step-ups and
+    // escalations as denials, the creation and revocation as changes.
+    let audit = store.join("audit/audit.jsonl");
+    let records = || -> Vec<Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let count = |recs: &[Value], act: &str, outcome: &str| {
+        recs.iter()
+            .filter(|r| r["action"] == act && r["outcome"] == outcome)
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let r = records();
+            count(&r, "key.revoke", "ok") == 1 && count(&r, "key.revoke", "allowed") == 1
+        }),
+        "audit records missing"
+    );
+    let recs = records();
+    // Missing, wrong, replayed code; the laundering admin; three escalations.
+    assert_eq!(count(&recs, "key.create", "denied"), 7, "{recs:#?}");
+    assert_eq!(count(&recs, "key.create", "allowed"), 2);
+    assert_eq!(count(&recs, "key.create", "ok"), 2);
+    assert!(recs.iter().any(|r| r["action"] == "key.create"
+        && r["outcome"] == "denied"
+        && r["principal"] == admin_id.as_str()
+        && r["reason"] == "totp_replayed"));
+    server.stop();
+    let o = run(&[
+        "audit",
+        "verify",
+        &path_str(&audit),
+        "--keys",
+        &path_str(&store.join("audit-keys.json")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
