@@ -663,10 +663,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     if args.check {
         println!(
-            "config ok: {} model(s), inference on {}, metrics on {}",
+            "config ok: {} model(s), inference on {}, metrics on {}, management {}",
             config.models.len(),
             config.inference_listen,
-            config.metrics_listen
+            config.metrics_listen,
+            config
+                .management
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |m| format!("on {}", m.listen))
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -7,7 +7,7 @@
 //! deployments keep exactly the ports they had).
 
 use super::access::{PlaneAccess, RawTls, plane_access};
-use super::{ConfigError, PUBLIC_ROUTE_CHOICES, invalid};
+use super::{ConfigError, invalid};
 use moat_guard::Role;
 use moat_guard::rbac::{Permission, Rbac, RoleSpec};
 use serde::Deserialize;
@@ -62,13 +62,12 @@ impl RawManagement {
         })?;
         let public_routes = self.public_routes.unwrap_or_default();
         for (i, r) in public_routes.iter().enumerate() {
-            if !PUBLIC_ROUTE_CHOICES.contains(&r.as_str()) {
+            // The management plane has no `/ready`; only its health check
+            // may be public.
+            if r != "/health" {
                 return Err(invalid(
                     format!("management.public_routes[{i}]"),
-                    format!(
-                        "{r:?} cannot be public (allowed: {})",
-                        PUBLIC_ROUTE_CHOICES.join(", ")
-                    ),
+                    format!("{r:?} cannot be public (allowed: /health)"),
                 ));
             }
         }
