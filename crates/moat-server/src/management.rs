@@ -809,3 +809,63 @@ async fn revoke_key(
     .await;
     Ok(axum::Json(key_json(&rec, now_unix())).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use moat_artifact::source::policy::RawSources;
+
+    #[test]
+    fn the_route_table_covers_every_write() {
+        let w = |m: Method, r: &str| required(&m, r);
+        assert_eq!(w(Method::GET, "/models"), Some((Permission::ModelsRead, false)));
+        assert_eq!(w(Method::POST, "/models"), Some((Permission::ModelsWrite, true)));
+        assert_eq!(
+            w(Method::PUT, "/models/{name}"),
+            Some((Permission::ModelsWrite, true))
+        );
+        assert_eq!(
+            w(Method::DELETE, "/models/{name}"),
+            Some((Permission::ModelsWrite, true))
+        );
+        assert_eq!(w(Method::GET, "/keys"), Some((Permission::KeysWrite, false)));
+        assert_eq!(w(Method::POST, "/keys"), Some((Permission::KeysWrite, true)));
+        assert_eq!(
+            w(Method::DELETE, "/keys/{id}"),
+            Some((Permission::KeysWrite, true))
+        );
+        assert_eq!(w(Method::GET, "/health"), None);
+    }
+
+    #[test]
+    fn sources_are_checked_before_any_connection() {
+        let policy = SourcePolicy::default();
+        for url in [
+            "http://169.254.169.254/latest/meta-data/",
+            "https://169.254.169.254/m.safetensors",
+            "https://127.0.0.1/m.safetensors",
+            "https://[::1]:8443/manifest.json",
+            "https://10.1.2.3/manifest.json",
+            "http://example.com/manifest.json",
+        ] {
+            let e = check_source(&policy, url, None).unwrap_err();
+            assert_eq!(e.status, StatusCode::FORBIDDEN, "{url}: {}", e.message);
+            assert!(e.message.contains("sources policy"), "{}", e.message);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        assert!(check_source(&policy, &url, None).is_ok());
+        // A file rule narrowed to another folder refuses this one.
+        let raw: RawSources =
+            toml::from_str("defaults = false\n[[allow]]\nscheme = \"file\"\nprefix = \"/srv/models\"\n")
+                .unwrap();
+        let narrow = raw.validate("sources").unwrap();
+        assert_eq!(
+            check_source(&narrow, &url, None).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        let e = check_source(&policy, "ftp://x/y", None).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}
