@@ -29,6 +29,12 @@ pub const DIGITS: u32 = 6;
 pub const SKEW_STEPS: u64 = 1;
 /// Secret length in bytes (RFC 4226 §4 recommends 160 bits).
 pub const SECRET_LEN: usize = 20;
+/// Wrong codes a principal may send per [`LOCKOUT_SECS`] window; past it
+/// every code (even a right one) is refused until the window ends. RFC 4226
+/// §7.3 asks for throttling: 3 of 10^6 codes are valid at once, so an
+/// unthrottled caller holding a stolen key would find one in hours.
+pub const MAX_FAILURES: u32 = 5;
+pub const LOCKOUT_SECS: u64 = 300;
 
 /// The HOTP value (RFC 4226 §5.3) of `counter`, as `digits` decimal digits.
 pub fn hotp(secret: &[u8], counter: u64, digits: u32) -> String {
@@ -139,6 +145,8 @@ pub enum TotpError {
     Replayed,
     #[error("principal {0:?} has no TOTP enrolment")]
     NotEnrolled(String),
+    #[error("too many wrong TOTP codes; try again in {0} s")]
+    Locked(u64),
 }
 
 impl TotpError {
@@ -149,6 +157,7 @@ impl TotpError {
             TotpError::Wrong => "totp_wrong",
             TotpError::Replayed => "totp_replayed",
             TotpError::NotEnrolled(_) => "totp_not_enrolled",
+            TotpError::Locked(_) => "totp_locked",
         }
     }
 }
@@ -210,6 +219,8 @@ pub struct TotpStore {
     path: PathBuf,
     secrets: HashMap<String, Vec<u8>>,
     last_used: Mutex<HashMap<String, u64>>,
+    /// Per principal: wrong codes in the current window, and its start.
+    failures: Mutex<HashMap<String, (u32, u64)>>,
 }
 
 impl TotpStore {
@@ -240,6 +251,7 @@ impl TotpStore {
             path: path.to_owned(),
             secrets,
             last_used: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -315,12 +327,31 @@ impl TotpStore {
             .get(principal)
             .ok_or_else(|| TotpError::NotEnrolled(principal.to_owned()))?;
         let code = code.ok_or(TotpError::Missing)?;
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(n, start)) = failures.get(principal) {
+            let ends = start.saturating_add(LOCKOUT_SECS);
+            if now >= ends {
+                failures.remove(principal);
+            } else if n >= MAX_FAILURES {
+                return Err(TotpError::Locked(ends - now));
+            }
+        }
         // The lock spans check and record so two concurrent requests with
         // the same code cannot both pass.
         let mut last = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
-        let step = check(secret, code, now, last.get(principal).copied())?;
-        last.insert(principal.to_owned(), step);
-        Ok(())
+        match check(secret, code, now, last.get(principal).copied()) {
+            Ok(step) => {
+                last.insert(principal.to_owned(), step);
+                failures.remove(principal);
+                Ok(())
+            }
+            Err(e) => {
+                // Replays count too: they are guesses at a known code.
+                let entry = failures.entry(principal.to_owned()).or_insert((0, now));
+                entry.0 += 1;
+                Err(e)
+            }
+        }
     }
 }
 

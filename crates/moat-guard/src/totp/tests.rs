@@ -122,3 +122,32 @@ fn uri_and_qr() {
     let qr = qr_for_terminal(&uri).unwrap();
     assert!(qr.lines().count() > 10);
 }
+
+#[test]
+fn wrong_codes_lock_the_principal_out_for_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = TotpStore::load(&dir.path().join("totp.json")).unwrap();
+    let secret = store.enroll("k", 0).unwrap();
+    store.enroll("other", 0).unwrap();
+    let now = 1_000_000;
+    let good = code_at(&secret, now);
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    for _ in 0..MAX_FAILURES {
+        assert_eq!(store.verify("k", Some(wrong), now), Err(TotpError::Wrong));
+    }
+    // Locked: even the right code is refused, with the time left.
+    assert_eq!(
+        store.verify("k", Some(&good), now + 10),
+        Err(TotpError::Locked(LOCKOUT_SECS - 10))
+    );
+    // Other principals are not affected.
+    assert_eq!(store.verify("other", Some(wrong), now), Err(TotpError::Wrong));
+    // After the window, a fresh code works and the count starts over.
+    let later = now + LOCKOUT_SECS;
+    assert_eq!(store.verify("k", Some(&code_at(&secret, later)), later), Ok(()));
+    assert_eq!(store.verify("k", Some(wrong), later + 30), Err(TotpError::Wrong));
+    assert_eq!(
+        store.verify("k", Some(&code_at(&secret, later + 30)), later + 30),
+        Ok(())
+    );
+}
