@@ -71,6 +71,9 @@ pub struct KeyRecord {
     pub revoked: Option<u64>,
     /// Lower-case hex SHA-256 of the secret part.
     pub secret_sha256: String,
+    /// Limits on top of the role's; the tighter of the two applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::KeyLimits>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -221,6 +224,7 @@ impl KeyStore {
             expires: ttl_secs.map(|t| created.saturating_add(t)),
             revoked: None,
             secret_sha256: secret_hash(&secret),
+            limits: None,
         };
         let rec = record.clone();
         self.update(move |keys| {
@@ -242,6 +246,28 @@ impl KeyStore {
             if rec.revoked.is_none() {
                 rec.revoked = Some(now_unix());
             }
+            Ok(rec.clone())
+        })
+    }
+
+    /// Sets (or, with `None`, clears) a key's own limits. Values are
+    /// checked first so that the file never holds a limit no request
+    /// could pass.
+    pub fn set_limits(
+        &self,
+        id: &str,
+        limits: Option<crate::limits::KeyLimits>,
+    ) -> Result<KeyRecord, KeyError> {
+        if let Some(l) = &limits {
+            l.validate().map_err(KeyError::Invalid)?;
+        }
+        let limits = limits.filter(|l| !l.is_empty());
+        self.update(|keys| {
+            let rec = keys
+                .iter_mut()
+                .find(|k| k.id == id)
+                .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+            rec.limits = limits;
             Ok(rec.clone())
         })
     }

@@ -5,7 +5,9 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod limits;
 pub mod ratelimit;
 pub mod totp;
 
 pub use keys::{AuthError, Keyring, Principal, PrincipalKind, Role};
+pub use limits::KeyLimits;

@@ -288,10 +288,10 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
                 continue;
             }
             last = now;
-            match store.keyring() {
-                Ok(ring) => {
-                    tracing::info!(keys = ring.len(), "keys file changed; reloaded");
-                    state.set_keyring(ring);
+            match store.records() {
+                Ok(records) => {
+                    tracing::info!(keys = records.len(), "keys file changed; reloaded");
+                    state.set_keys(records);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "keys file changed but cannot be read; keeping the previous keys")
@@ -433,11 +433,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let keys = KeyStore::new(config.keys_file.clone());
-    let keyring = keys.keyring().map_err(|e| ServerError::Keys {
+    let key_records = keys.records().map_err(|e| ServerError::Keys {
         path: config.keys_file.clone(),
         message: e.to_string(),
     })?;
-    if keyring.is_empty() {
+    if key_records.is_empty() {
         tracing::warn!(path = %config.keys_file.display(), "no API keys: authenticated routes will answer 401; create one with `moat keys create`");
     }
     let request_log = match &config.request_log {
@@ -489,7 +489,7 @@ pub async fn serve(
         engines,
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
-        keyring: RwLock::new(Arc::new(keyring)),
+        keyring: RwLock::new(Arc::new(moat_guard::Keyring::default())),
         metrics,
         request_log,
         public_routes: config.public_routes.clone(),
@@ -507,6 +507,7 @@ pub async fn serve(
             deadline: deadline_rx,
         },
     });
+    state.set_keys(key_records);
     {
         // Forget limiter state that no longer limits anyone.
         let rate = state.rate.clone();

@@ -76,6 +76,13 @@ impl AppState {
         }
     }
 
+    /// Installs the keys file's records: the keyring that authenticates
+    /// and the per-key limits the rate limiter applies, from one read.
+    pub fn set_keys(&self, records: Vec<moat_guard::keys::KeyRecord>) {
+        self.rate.set_key_limits(&records);
+        self.set_keyring(Keyring::new(records));
+    }
+
     pub fn set_keyring(&self, ring: Keyring) {
         let ring = Arc::new(ring);
         match self.keyring.write() {

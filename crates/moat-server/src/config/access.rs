@@ -433,16 +433,10 @@ pub struct RawRateLimits {
     pub roles: BTreeMap<String, RawPrincipalLimits>,
 }
 
-/// One principal's limits; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PrincipalLimits {
-    pub requests_per_minute: Option<u64>,
-    pub burst: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub max_concurrent: Option<u32>,
-    pub max_tokens: Option<u64>,
-    pub max_n: Option<u32>,
-}
+/// One principal's limits; `None` is unlimited. The same shape as a key's
+/// own limits, so that the two combine field by field
+/// ([`moat_guard::KeyLimits::tightest`]).
+pub type PrincipalLimits = moat_guard::KeyLimits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnRedisError {
