@@ -301,14 +301,19 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
     });
 }
 
-/// Re-reads changed JWKS files about once a second.
+/// Re-reads changed JWKS files, and re-fetches URL and discovery JWKS
+/// whose refresh interval has passed, about once a second.
 fn watch_jwks(jwt: Arc<auth::JwtAuth>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let j = jwt.clone();
-            let _ = tokio::task::spawn_blocking(move || j.reload_changed_files()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                j.reload_changed_files();
+                j.refresh_due();
+            })
+            .await;
         }
     });
 }

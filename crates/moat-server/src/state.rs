@@ -203,7 +203,7 @@ impl RequestContext {
                 (_, "/health" | "/ready") => "health.read",
                 _ => "http.request",
             };
-            let (outcome, stage) = match f.status {
+            let (outcome, mut stage) = match f.status {
                 0..=399 => (Outcome::Allowed, None),
                 401 => (Outcome::Denied, Some("auth")),
                 403 => (Outcome::Denied, Some("authz")),
@@ -211,11 +211,22 @@ impl RequestContext {
                 400..=498 => (Outcome::Denied, Some("request")),
                 _ => (Outcome::Error, Some("engine")),
             };
+            // A refusal is recorded with the same stage and reason as the
+            // `moat_rejections_total` counter it increments, so the two can
+            // be joined; the error code stays in `reason` otherwise.
+            let rejection = f
+                .rejection
+                .or_else(|| crate::metrics::Rejection::from_response(f.status, f.error.as_deref()));
+            let mut reason = f.error.clone();
+            if let Some(r) = rejection {
+                stage = Some(r.stage);
+                reason = Some(r.reason.to_owned());
+            }
             let mut rec = AuditRecord::new(act, outcome);
             rec.request_id = Some(self.request_id.clone());
             rec.principal = f.key_id.clone();
             rec.resource = Some(format!("{} {}", self.method, self.path));
-            rec.reason = f.error.clone();
+            rec.reason = reason;
             rec.stage = stage.map(str::to_owned);
             rec.model = f.model.clone();
             rec.model_digest = f.model_digest.clone();

@@ -263,6 +263,9 @@ pub struct RawJwtIssuer {
     pub algorithms: Option<Vec<String>>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    pub discovery: Option<bool>,
+    pub jwks_refresh_interval: Option<RawDuration>,
+    pub jwks_min_refresh_interval: Option<RawDuration>,
     pub allow_loopback: Option<bool>,
     pub hs256_secret_file: Option<PathBuf>,
     pub leeway: Option<RawDuration>,
@@ -281,6 +284,16 @@ pub struct JwtIssuerConfig {
     pub algorithms: Vec<Algorithm>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// Find the JWKS through `{issuer}/.well-known/openid-configuration`.
+    pub discovery: bool,
+    /// A JWKS from a URL (or discovery) is fetched again this often.
+    pub jwks_refresh_interval: Duration,
+    /// Shortest time between two fetches caused by tokens naming an
+    /// unknown `kid`: a flood of made-up key ids costs one fetch per
+    /// interval, not one per request.
+    pub jwks_min_refresh_interval: Duration,
+    /// Loopback/private addresses (and plain http) allowed for the issuer's
+    /// URLs: for tests and in-cluster issuers only.
     pub allow_loopback: bool,
     pub hs256_secret_file: Option<PathBuf>,
     pub leeway: Duration,
@@ -333,21 +346,58 @@ impl RawJwtIssuer {
                 "set it exactly when HS256 is among the algorithms",
             ));
         }
-        let asymmetric = algorithms.iter().any(|a| *a != Algorithm::Hs256);
-        if asymmetric && self.jwks_file.is_none() && self.jwks_url.is_none() {
+        let discovery = self.discovery.unwrap_or(false);
+        let allow_loopback = self.allow_loopback.unwrap_or(false);
+        let sources = [self.jwks_file.is_some(), self.jwks_url.is_some(), discovery];
+        if sources.iter().filter(|s| **s).count() > 1 {
             return Err(invalid(
-                format!("{prefix}.jwks_file"),
-                "an asymmetric algorithm needs jwks_file or jwks_url",
+                format!("{prefix}.discovery"),
+                "use one key source: jwks_file, jwks_url or discovery = true",
             ));
         }
+        let asymmetric = algorithms.iter().any(|a| *a != Algorithm::Hs256);
+        if asymmetric && !sources.iter().any(|s| *s) {
+            return Err(invalid(
+                format!("{prefix}.jwks_file"),
+                "an asymmetric algorithm needs jwks_file, jwks_url or discovery = true",
+            ));
+        }
+        // Keys fetched over plain http can be swapped by anyone on the
+        // path; only an issuer explicitly marked as local may use it.
+        let url_ok = |u: &str| u.starts_with("https://") || (allow_loopback && u.starts_with("http://"));
         if let Some(u) = &self.jwks_url
-            && !(u.starts_with("https://") || u.starts_with("http://"))
+            && !url_ok(u)
         {
             return Err(invalid(
                 format!("{prefix}.jwks_url"),
-                format!("{u:?} is not an http(s) URL"),
+                format!("{u:?} is not an https URL (http needs allow_loopback = true)"),
             ));
         }
+        if discovery && !url_ok(&issuer) {
+            return Err(invalid(
+                format!("{prefix}.issuer"),
+                format!("{issuer:?}: discovery needs an https issuer URL (http needs allow_loopback = true)"),
+            ));
+        }
+        let fetched = discovery || self.jwks_url.is_some();
+        if !fetched && (self.jwks_refresh_interval.is_some() || self.jwks_min_refresh_interval.is_some()) {
+            return Err(invalid(
+                format!("{prefix}.jwks_refresh_interval"),
+                "only applies to jwks_url or discovery (a jwks_file is re-read when it changes)",
+            ));
+        }
+        let jwks_refresh_interval = duration(
+            &format!("{prefix}.jwks_refresh_interval"),
+            self.jwks_refresh_interval,
+            Duration::from_secs(3600),
+            (Duration::from_secs(1), Duration::from_secs(7 * 86_400)),
+        )?;
+        let jwks_min_refresh_interval = duration(
+            &format!("{prefix}.jwks_min_refresh_interval"),
+            self.jwks_min_refresh_interval,
+            Duration::from_secs(10),
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        )?;
         let leeway = duration(
             &format!("{prefix}.leeway"),
             self.leeway,
@@ -377,7 +427,10 @@ impl RawJwtIssuer {
             algorithms,
             jwks_file: self.jwks_file,
             jwks_url: self.jwks_url,
-            allow_loopback: self.allow_loopback.unwrap_or(false),
+            discovery,
+            jwks_refresh_interval,
+            jwks_min_refresh_interval,
+            allow_loopback,
             hs256_secret_file: self.hs256_secret_file,
             leeway,
             max_token_bytes,
