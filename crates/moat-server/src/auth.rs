@@ -50,8 +50,10 @@ struct IssuerState {
     config: JwtIssuerConfig,
     file_stamp: Mutex<Stamp>,
     /// When keys were last fetched (or a fetch was last started), for the
-    /// unknown-`kid` rate limit and the periodic refresh.
+    /// periodic refresh.
     last_fetch: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last caused a fetch: the rate limit of those.
+    last_kid_refresh: Mutex<Option<Instant>>,
 }
 
 /// The configured issuers and their current keys.
@@ -74,6 +76,7 @@ impl JwtAuth {
                 config: c.clone(),
                 file_stamp: Mutex::new(stamp),
                 last_fetch: Mutex::new(Some(Instant::now())),
+                last_kid_refresh: Mutex::new(None),
             });
         }
         Ok(JwtAuth {
@@ -230,11 +233,13 @@ impl JwtAuth {
         let Some(st) = self.issuers.get(index) else {
             return false;
         };
-        let mut last = st.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = st.last_kid_refresh.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < st.config.jwks_min_refresh_interval) {
             return false;
         }
         *last = Some(Instant::now());
+        // The periodic refresh counts from here too.
+        *st.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         true
     }
 }

@@ -241,9 +241,10 @@ impl RateLimits {
         }
     }
 
-    /// Admits one request of `p`: global cap, concurrency, requests/min.
-    pub async fn admit(&self, p: &Principal) -> Result<Admission, Refused> {
-        if let Some(q) = &self.global {
+    /// Admits one request of `p`: the global cap (when `global`: requests
+    /// of the inference plane), concurrency, requests/min.
+    pub async fn admit(&self, p: &Principal, global: bool) -> Result<Admission, Refused> {
+        if global && let Some(q) = &self.global {
             self.check_global(q).await?;
         }
         let limits = self.limits_for(p);
@@ -370,9 +371,9 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..3 {
-            assert!(rl.admit(&user()).await.is_ok());
+            assert!(rl.admit(&user(), true).await.is_ok());
         }
-        let r = rl.admit(&user()).await.err().unwrap();
+        let r = rl.admit(&user(), true).await.err().unwrap();
         assert_eq!(r.reason, "requests_per_minute");
         assert_eq!(r.retry_after, 1);
     }
@@ -383,10 +384,10 @@ mod tests {
             max_concurrent: Some(1),
             ..Default::default()
         });
-        let a = rl.admit(&user()).await.ok().unwrap();
-        assert_eq!(rl.admit(&user()).await.err().unwrap().reason, "concurrency");
+        let a = rl.admit(&user(), true).await.ok().unwrap();
+        assert_eq!(rl.admit(&user(), true).await.err().unwrap().reason, "concurrency");
         drop(a);
-        assert!(rl.admit(&user()).await.is_ok());
+        assert!(rl.admit(&user(), true).await.is_ok());
     }
 
     fn keyed(id: &str) -> Principal {
@@ -433,14 +434,14 @@ mod tests {
         assert_eq!(eff.max_tokens, Some(100));
         assert_eq!(rl.limits_for(&keyed("plain")).requests_per_minute, Some(600));
         // Enforced, not just computed: a burst of 2, then 429.
-        assert!(rl.admit(&keyed("tight")).await.is_ok());
-        assert!(rl.admit(&keyed("tight")).await.is_ok());
+        assert!(rl.admit(&keyed("tight"), true).await.is_ok());
+        assert!(rl.admit(&keyed("tight"), true).await.is_ok());
         assert_eq!(
-            rl.admit(&keyed("tight")).await.err().unwrap().reason,
+            rl.admit(&keyed("tight"), true).await.err().unwrap().reason,
             "requests_per_minute"
         );
         for _ in 0..5 {
-            assert!(rl.admit(&keyed("plain")).await.is_ok());
+            assert!(rl.admit(&keyed("plain"), true).await.is_ok());
         }
         // A JWT principal whose subject happens to equal a key id gets no
         // key limits.
@@ -455,13 +456,15 @@ mod tests {
             ..RateLimitConfig::default()
         }));
         for _ in 0..3 {
-            assert!(rl.admit(&user()).await.is_ok());
+            assert!(rl.admit(&user(), true).await.is_ok());
         }
-        let r = rl.admit(&keyed("other")).await.err().unwrap();
+        let r = rl.admit(&keyed("other"), true).await.err().unwrap();
         assert_eq!(r.reason, "global_cap");
         assert_eq!(r.retry_after, 1);
         assert!(!r.unavailable);
         assert!(r.message.contains("3 requests per second"), "{}", r.message);
+        // Requests of other planes (metrics, management) are not shed.
+        assert!(rl.admit(&user(), false).await.is_ok());
     }
 
     #[tokio::test]
@@ -474,13 +477,16 @@ mod tests {
             ..RateLimitConfig::default()
         };
         let closed = RateLimits::new(cfg(OnRedisError::Closed));
-        let r = closed.admit(&user()).await.err().unwrap();
+        let r = closed.admit(&user(), true).await.err().unwrap();
         assert!(r.unavailable && r.reason == "limiter_unavailable", "{r:?}");
         // Open: the cap still holds, per process.
         let open = RateLimits::new(cfg(OnRedisError::Open));
-        assert!(open.admit(&user()).await.is_ok());
-        assert!(open.admit(&user()).await.is_ok());
-        assert_eq!(open.admit(&user()).await.err().unwrap().reason, "global_cap");
+        assert!(open.admit(&user(), true).await.is_ok());
+        assert!(open.admit(&user(), true).await.is_ok());
+        assert_eq!(
+            open.admit(&user(), true).await.err().unwrap().reason,
+            "global_cap"
+        );
     }
 
     #[tokio::test]

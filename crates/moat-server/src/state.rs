@@ -160,6 +160,11 @@ impl RequestContext {
         }
     }
 
+    /// The listener the request came in on.
+    pub fn plane(&self) -> Plane {
+        self.plane
+    }
+
     /// When the first layer saw the request.
     pub fn started(&self) -> Instant {
         self.started
