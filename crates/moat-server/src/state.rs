@@ -208,7 +208,7 @@ impl RequestContext {
                 (_, "/health" | "/ready") => "health.read",
                 _ => "http.request",
             };
-            let (outcome, mut stage) = match f.status {
+            let (mut outcome, mut stage) = match f.status {
                 0..=399 => (Outcome::Allowed, None),
                 401 => (Outcome::Denied, Some("auth")),
                 403 => (Outcome::Denied, Some("authz")),
@@ -224,6 +224,9 @@ impl RequestContext {
                 .or_else(|| crate::metrics::Rejection::from_response(f.status, f.error.as_deref()));
             let mut reason = f.error.clone();
             if let Some(r) = rejection {
+                // Shed load (503 overloaded) and cut requests (504) are
+                // refusals by a limit, not engine failures.
+                outcome = Outcome::Denied;
                 stage = Some(r.stage);
                 reason = Some(r.reason.to_owned());
             }

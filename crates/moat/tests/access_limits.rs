@@ -632,7 +632,7 @@ fn tls_and_network_refusals_are_logged_counted_and_audited() {
     let d = pki.dir.display();
     let config = format!(
         "{}[inference.tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\nclient_auth = \"required\"\n\
-         client_ca = \"{d}/ca.pem\"\n",
+         client_ca = \"{d}/ca.pem\"\n[limits]\nheader_read_timeout = \"1s\"\n",
         base_config(&store)
     );
     let server = Server::start(t.path(), &config);
@@ -642,8 +642,18 @@ fn tls_and_network_refusals_are_logged_counted_and_audited() {
         tls_request(&addr, pki.client(false)).is_err(),
         "no client cert accepted"
     );
+    // A client that connects and never says hello.
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let _ = silent.read(&mut [0u8; 16]);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the handshake was never cut"
+    );
     expect_rejection(&server, &admin, "tls", "protocol_version", 1);
     expect_rejection(&server, &admin, "tls", "no_client_cert", 1);
+    expect_rejection(&server, &admin, "tls", "handshake_timeout", 1);
     assert!(wait_until(Duration::from_secs(5), || {
         let log = server.log_text();
         log.contains("reason=\"protocol_version\"") || log.contains("reason=protocol_version")
@@ -656,6 +666,10 @@ fn tls_and_network_refusals_are_logged_counted_and_audited() {
     );
     assert!(
         has_audit(&recs, "connection.reject", "tls", "no_client_cert"),
+        "{recs:#?}"
+    );
+    assert!(
+        has_audit(&recs, "connection.reject", "tls", "handshake_timeout"),
         "{recs:#?}"
     );
     let r = recs.iter().find(|r| r["action"] == "connection.reject").unwrap();
@@ -812,4 +826,61 @@ fn request_refusals_at_every_stage_are_counted_and_audited_with_their_reason() {
         &path_str(&store.join("audit-keys.json")),
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// POSTs a chat completion on its own thread; joins to (status, body).
+fn chat_in_background(base: &str, key: &str, max_tokens: u64) -> std::thread::JoinHandle<(u16, Value)> {
+    let (base, key) = (base.to_owned(), key.to_owned());
+    std::thread::spawn(move || chat(&base, &key, "m", json!({"max_tokens": max_tokens})))
+}
+
+#[test]
+fn overload_and_request_timeout_are_counted_and_audited() {
+    let t = tmp();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    demo_model(&src, 1);
+    pull_ok(&src, "m", &store);
+    let (_, admin) = create_key(&store, "admin", None);
+    let (_, user) = create_key(&store, "user", None);
+    // One request generating, one waiting: a third finds the queue full.
+    // 1000 tokens of the demo model take about 2 s on this machine.
+    let config = format!(
+        "home = \"{}\"\n[[models]]\nname = \"m\"\n[engine]\nqueue_capacity = 1\nmax_context = 4096\n",
+        store.display()
+    );
+    let server = Server::start(t.path(), &config);
+    let a = chat_in_background(&server.base, &user, 1000);
+    std::thread::sleep(Duration::from_millis(150));
+    let b = chat_in_background(&server.base, &user, 1000);
+    std::thread::sleep(Duration::from_millis(150));
+    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 5}));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "overloaded");
+    assert_eq!(a.join().unwrap().0, 200);
+    assert_eq!(b.join().unwrap().0, 200);
+    expect_rejection(&server, &admin, "overload", "queue_full", 1);
+    assert_eq!(server.stop(), 0);
+    let recs = audit_records(&store);
+    assert!(
+        has_audit(&recs, "inference.chat", "overload", "queue_full"),
+        "{recs:#?}"
+    );
+
+    // The response head must come within limits.request_timeout: 504.
+    let config = format!(
+        "home = \"{}\"\n[[models]]\nname = \"m\"\n[engine]\nmax_context = 4096\n[limits]\nrequest_timeout = \"300ms\"\n",
+        store.display()
+    );
+    let server = Server::start(t.path(), &config);
+    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 1000}));
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "request_timeout");
+    expect_rejection(&server, &admin, "limits", "request_timeout", 1);
+    assert_eq!(server.stop(), 0);
+    let recs = audit_records(&store);
+    assert!(
+        has_audit(&recs, "inference.chat", "limits", "request_timeout"),
+        "{recs:#?}"
+    );
 }
