@@ -181,6 +181,28 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_stored_with_the_key_and_checked_first() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::keys::{KeyStore, Role};
+        let dir = tempfile::tempdir()?;
+        let store = KeyStore::new(dir.path().join("keys.json"));
+        let key = store.create(Role::User, Vec::new(), None)?;
+        assert_eq!(key.record.limits, None);
+        // A refused value leaves the file as it was.
+        assert!(store.set_limits(&key.record.id, Some(rpm(0))).is_err());
+        assert_eq!(store.records()?[0].limits, None);
+        store.set_limits(&key.record.id, Some(rpm(30)))?;
+        assert_eq!(store.records()?[0].limits, Some(rpm(30)));
+        let text = std::fs::read_to_string(store.path())?;
+        assert!(text.contains("\"requests_per_minute\": 30"), "{text}");
+        // Empty limits are stored as none at all.
+        store.set_limits(&key.record.id, Some(KeyLimits::default()))?;
+        assert_eq!(store.records()?[0].limits, None);
+        assert!(!std::fs::read_to_string(store.path())?.contains("limits"));
+        assert!(store.set_limits("nope", Some(rpm(1))).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn serialises_only_what_is_set_and_refuses_unknown_fields() {
         let json = serde_json::to_string(&rpm(7)).unwrap_or_default();
         assert_eq!(json, r#"{"requests_per_minute":7}"#);

@@ -685,6 +685,70 @@ mod tests {
         assert_eq!(parse_duration("-1s"), None);
     }
 
+    fn issuer(toml_text: &str) -> Result<JwtIssuerConfig, String> {
+        let raw: RawJwtIssuer = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        raw.validate("auth.jwt[0]").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn jwt_key_sources_and_refresh_intervals() {
+        let base = "audiences = [\"moat\"]\nalgorithms = [\"ES256\"]\n";
+        let ok = issuer(&format!(
+            "issuer = \"https://idp.example\"\n{base}discovery = true\n"
+        ))
+        .unwrap();
+        assert!(ok.discovery);
+        assert_eq!(ok.jwks_refresh_interval, Duration::from_secs(3600));
+        assert_eq!(ok.jwks_min_refresh_interval, Duration::from_secs(10));
+        let two = issuer(&format!(
+            "issuer = \"https://idp.example\"\n{base}discovery = true\njwks_url = \"https://idp.example/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            two.contains("auth.jwt[0].discovery") && two.contains("one key source"),
+            "{two}"
+        );
+        // Plain http only for an issuer marked local.
+        let http = issuer(&format!(
+            "issuer = \"http://idp.example\"\n{base}discovery = true\n"
+        ))
+        .unwrap_err();
+        assert!(
+            http.contains("auth.jwt[0].issuer") && http.contains("allow_loopback"),
+            "{http}"
+        );
+        assert!(
+            issuer(&format!(
+                "issuer = \"http://127.0.0.1:9\"\n{base}discovery = true\nallow_loopback = true\n"
+            ))
+            .is_ok()
+        );
+        let url = issuer(&format!(
+            "issuer = \"i\"\n{base}jwks_url = \"http://idp.example/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(url.contains("auth.jwt[0].jwks_url"), "{url}");
+        // Refresh intervals only where something is fetched, within range.
+        let file = issuer(&format!(
+            "issuer = \"i\"\n{base}jwks_file = \"/k.json\"\njwks_refresh_interval = \"5m\"\n"
+        ))
+        .unwrap_err();
+        assert!(file.contains("jwks_refresh_interval"), "{file}");
+        let short = issuer(&format!(
+            "issuer = \"https://i.example\"\n{base}discovery = true\njwks_min_refresh_interval = \"10ms\"\n"
+        ))
+        .unwrap_err();
+        assert!(short.contains("auth.jwt[0].jwks_min_refresh_interval"), "{short}");
+        let set = issuer(&format!(
+            "issuer = \"https://i.example\"\n{base}discovery = true\njwks_refresh_interval = \"5m\"\njwks_min_refresh_interval = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (set.jwks_refresh_interval, set.jwks_min_refresh_interval),
+            (Duration::from_secs(300), Duration::from_secs(2))
+        );
+    }
+
     #[test]
     fn redis_urls() {
         assert_eq!(
