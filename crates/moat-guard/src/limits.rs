@@ -110,6 +110,30 @@ impl KeyLimits {
     }
 }
 
+/// `rpm=60,burst=2,max_tokens=512`: the fields set, in a fixed order, as
+/// `moat keys list` shows them; `-` when none is set.
+impl std::fmt::Display for KeyLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields = [
+            ("rpm", self.requests_per_minute),
+            ("burst", self.burst),
+            ("tpm", self.tokens_per_minute),
+            ("max_concurrent", self.max_concurrent.map(u64::from)),
+            ("max_tokens", self.max_tokens),
+            ("max_n", self.max_n.map(u64::from)),
+        ];
+        let set: Vec<String> = fields
+            .iter()
+            .filter_map(|(name, v)| v.map(|v| format!("{name}={v}")))
+            .collect();
+        if set.is_empty() {
+            f.write_str("-")
+        } else {
+            f.write_str(&set.join(","))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +143,17 @@ mod tests {
             requests_per_minute: Some(n),
             ..KeyLimits::default()
         }
+    }
+
+    #[test]
+    fn displays_the_fields_set() {
+        assert_eq!(KeyLimits::default().to_string(), "-");
+        let l = KeyLimits {
+            max_n: Some(1),
+            burst: Some(2),
+            ..rpm(60)
+        };
+        assert_eq!(l.to_string(), "rpm=60,burst=2,max_n=1");
     }
 
     #[test]

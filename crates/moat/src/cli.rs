@@ -557,8 +557,8 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
         KeysCommand::List => {
             let now = moat_guard::keys::now_unix();
             println!(
-                "{:<16}  {:<5}  {:<9}  {:<20}  models",
-                "id", "role", "state", "expires"
+                "{:<16}  {:<5}  {:<9}  {:<20}  {:<24}  limits",
+                "id", "role", "state", "expires", "models"
             );
             for k in store.records()? {
                 let state = if k.revoked.is_some() {
@@ -576,8 +576,9 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
                 } else {
                     k.models.join(",")
                 };
+                let limits = k.limits.unwrap_or_default();
                 println!(
-                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models}",
+                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models:<24}  {limits}",
                     k.id,
                     k.role.to_string()
                 );

@@ -161,6 +161,9 @@ fn per_key_limits_from_the_cli_tighten_the_role_and_are_enforced() {
     assert!(err.contains("burst needs requests_per_minute"), "{err}");
     let file: Value = serde_json::from_slice(&std::fs::read(store.join("keys.json")).unwrap()).unwrap();
     assert_eq!(file["keys"].as_array().unwrap().len(), before);
+    let list = stdout(&run(&["keys", "list", "--store", store.to_str().unwrap()]));
+    let line = list.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(line.ends_with("rpm=60,burst=2,max_tokens=5,max_n=1"), "{list}");
 
     // The role allows 600/min and max_tokens 50: the key's 60/min burst 2
     // and max_tokens 5 are tighter and win; the plain key gets the role's.
