@@ -228,6 +228,7 @@ fn the_global_cap_sheds_every_principal_with_retry_after() {
     let server = Server::start(t.path(), &config);
     let url = format!("{}/v1/models", server.base);
     let mut statuses = Vec::new();
+    let start = Instant::now();
     for i in 0..10 {
         let key = if i % 2 == 0 { &user } else { &admin };
         let (status, headers, body) = get_full(&url, Some(key));
@@ -237,9 +238,11 @@ fn the_global_cap_sheds_every_principal_with_retry_after() {
         }
         statuses.push(status);
     }
+    let took = start.elapsed();
     let ok = statuses.iter().filter(|s| **s == 200).count();
-    // A burst of 5, plus at most one more if the loop took over 200 ms.
-    assert!((5..=6).contains(&ok), "{statuses:?}");
+    // A burst of 5, plus one per 200 ms the loop took.
+    let allowed = 5 + (took.as_millis() / 200) as usize;
+    assert!(ok >= 5 && ok <= allowed && ok < 10, "{statuses:?} in {took:?}");
     assert!(statuses.contains(&429));
     // The cap recovers at its rate.
     std::thread::sleep(Duration::from_millis(1100));
@@ -457,7 +460,7 @@ const DISCOVERY: &str = "/.well-known/openid-configuration";
 fn oidc_discovery_follows_a_key_rotation_and_a_flood_of_unknown_kids_costs_one_fetch() {
     let (t, store, admin, _) = store();
     let idp = Issuer::start(vec![jwk(1, "k1")], None);
-    let config = idp.config(&store, "jwks_min_refresh_interval = \"2s\"\n");
+    let config = idp.config(&store, "jwks_min_refresh_interval = \"3s\"\n");
     let server = Server::start(t.path(), &config);
     assert_eq!(
         (idp.hits(DISCOVERY), idp.hits("/jwks")),
@@ -476,7 +479,7 @@ fn oidc_discovery_follows_a_key_rotation_and_a_flood_of_unknown_kids_costs_one_f
     assert_eq!(idp.hits("/jwks"), 2);
 
     // A flood of made-up kids within the interval: all 401, no fetch.
-    for i in 0..40 {
+    for i in 0..20 {
         let (status, _, body) = get_full(&url, Some(&token(3, &format!("bogus-{i}"), &idp.url)));
         assert_eq!(status, 401, "{body}");
         if i == 0 {
@@ -488,7 +491,7 @@ fn oidc_discovery_follows_a_key_rotation_and_a_flood_of_unknown_kids_costs_one_f
     }
     assert_eq!(idp.hits("/jwks"), 2, "unknown kids caused fetches");
     // After the interval, one more unknown kid may cause exactly one fetch.
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(3100));
     for i in 0..10 {
         assert_eq!(
             get_full(&url, Some(&token(3, &format!("later-{i}"), &idp.url))).0,
@@ -499,7 +502,7 @@ fn oidc_discovery_follows_a_key_rotation_and_a_flood_of_unknown_kids_costs_one_f
     // Keys already known keep working without any fetch.
     assert_eq!(get_full(&url, Some(&token(1, "k1", &idp.url))).0, 200);
     assert_eq!(idp.hits("/jwks"), 3);
-    expect_rejection(&server, &admin, "auth", "jwt_unknown_kid", 50);
+    expect_rejection(&server, &admin, "auth", "jwt_unknown_kid", 30);
 }
 
 #[test]
