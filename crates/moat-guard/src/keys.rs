@@ -71,6 +71,9 @@ pub struct KeyRecord {
     pub revoked: Option<u64>,
     /// Lower-case hex SHA-256 of the secret part.
     pub secret_sha256: String,
+    /// Limits on top of the role's; the tighter of the two applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::KeyLimits>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -210,6 +213,22 @@ impl KeyStore {
     }
 
     pub fn create(&self, role: Role, models: Vec<String>, ttl_secs: Option<u64>) -> Result<NewKey, KeyError> {
+        self.create_with(role, models, ttl_secs, None)
+    }
+
+    /// Creates a key with its own limits in one write of the file, so no
+    /// moment exists where the key works without them.
+    pub fn create_with(
+        &self,
+        role: Role,
+        models: Vec<String>,
+        ttl_secs: Option<u64>,
+        limits: Option<crate::limits::KeyLimits>,
+    ) -> Result<NewKey, KeyError> {
+        if let Some(l) = &limits {
+            l.validate().map_err(KeyError::Invalid)?;
+        }
+        let limits = limits.filter(|l| !l.is_empty());
         let id = random_hex(ID_BYTES)?;
         let secret = random_hex(SECRET_BYTES)?;
         let created = now_unix();
@@ -221,6 +240,7 @@ impl KeyStore {
             expires: ttl_secs.map(|t| created.saturating_add(t)),
             revoked: None,
             secret_sha256: secret_hash(&secret),
+            limits,
         };
         let rec = record.clone();
         self.update(move |keys| {
@@ -242,6 +262,28 @@ impl KeyStore {
             if rec.revoked.is_none() {
                 rec.revoked = Some(now_unix());
             }
+            Ok(rec.clone())
+        })
+    }
+
+    /// Sets (or, with `None`, clears) a key's own limits. Values are
+    /// checked first so that the file never holds a limit no request
+    /// could pass.
+    pub fn set_limits(
+        &self,
+        id: &str,
+        limits: Option<crate::limits::KeyLimits>,
+    ) -> Result<KeyRecord, KeyError> {
+        if let Some(l) = &limits {
+            l.validate().map_err(KeyError::Invalid)?;
+        }
+        let limits = limits.filter(|l| !l.is_empty());
+        self.update(|keys| {
+            let rec = keys
+                .iter_mut()
+                .find(|k| k.id == id)
+                .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+            rec.limits = limits;
             Ok(rec.clone())
         })
     }

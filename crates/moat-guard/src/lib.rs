@@ -5,9 +5,11 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod limits;
 pub mod ratelimit;
 pub mod rbac;
 pub mod totp;
 
 pub use keys::{AuthError, Keyring, Principal, PrincipalKind, Role};
+pub use limits::KeyLimits;
 pub use rbac::{Grants, Permission, Rbac, RoleSpec, grants_within};

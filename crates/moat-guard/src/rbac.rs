@@ -14,6 +14,7 @@
 //! creator's scope, no expiry after the creator's.
 
 use crate::keys::{Principal, Role};
+use crate::limits::KeyLimits;
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -137,15 +138,19 @@ pub struct Grants {
     pub role: Role,
     pub models: Option<Vec<String>>,
     pub expires: Option<u64>,
+    /// The limits that would apply: the role's tightened by the key's own.
+    pub limits: KeyLimits,
 }
 
 impl Grants {
-    /// The grants a principal holds now.
-    pub fn of(principal: &Principal) -> Self {
+    /// The grants a principal holds now, with the limits that apply to it
+    /// (which only the rate limiter's configuration knows).
+    pub fn of(principal: &Principal, limits: KeyLimits) -> Self {
         Grants {
             role: principal.role,
             models: principal.models().map(<[String]>::to_vec),
             expires: principal.expires,
+            limits,
         }
     }
 }
@@ -172,6 +177,10 @@ pub enum Escalation {
     NoExpiry(u64),
     #[error("the new key would expire at {requested}, after the creating principal's credential ({creator})")]
     LaterExpiry { requested: u64, creator: u64 },
+    #[error(
+        "the new key's limits ({requested}) are looser than the creating principal's ({creator}); every limit the creator has must be set, and no larger"
+    )]
+    Limits { requested: String, creator: String },
 }
 
 impl Escalation {
@@ -182,6 +191,7 @@ impl Escalation {
             Escalation::WeakerStepUp { .. } => "grant_totp",
             Escalation::AllModels(_) | Escalation::Model(_) => "grant_model",
             Escalation::NoExpiry(_) | Escalation::LaterExpiry { .. } => "grant_expiry",
+            Escalation::Limits { .. } => "grant_limits",
         }
     }
 }
@@ -233,6 +243,12 @@ pub fn grants_within(rbac: &Rbac, creator: &Grants, requested: &Grants) -> Resul
             Some(_) => {}
         }
     }
+    if !requested.limits.is_within(&creator.limits) {
+        return Err(Escalation::Limits {
+            requested: requested.limits.to_string(),
+            creator: creator.limits.to_string(),
+        });
+    }
     Ok(())
 }
 
@@ -246,6 +262,7 @@ mod tests {
             role,
             models: models.map(|m| m.iter().map(|s| (*s).to_owned()).collect()),
             expires,
+            limits: KeyLimits::default(),
         }
     }
 
@@ -329,5 +346,28 @@ mod tests {
         // A role that cannot write sheds nothing by skipping the code.
         r.set(Role::User, RoleSpec::new([Permission::Inference], false));
         assert!(grants_within(&r, &admin, &g(Role::User, None, None)).is_ok());
+    }
+
+    #[test]
+    fn limits_must_be_at_least_as_tight_as_the_creators() {
+        let r = Rbac::default();
+        let limited = |rpm: Option<u64>| KeyLimits {
+            requests_per_minute: rpm,
+            ..KeyLimits::default()
+        };
+        let mut creator = g(Role::Admin, None, None);
+        creator.limits = limited(Some(60));
+        let mut want = g(Role::User, None, None);
+        // Unlimited under a limited creator is an escalation...
+        let e = grants_within(&r, &creator, &want).unwrap_err();
+        assert_eq!(e.reason(), "grant_limits");
+        assert!(e.to_string().contains("rpm=60"), "{e}");
+        // ...and so is a larger limit; an equal or smaller one is not.
+        want.limits = limited(Some(61));
+        assert!(grants_within(&r, &creator, &want).is_err());
+        want.limits = limited(Some(60));
+        assert!(grants_within(&r, &creator, &want).is_ok());
+        want.limits = limited(Some(1));
+        assert!(grants_within(&r, &creator, &want).is_ok());
     }
 }

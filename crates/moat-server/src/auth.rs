@@ -1,12 +1,21 @@
 //! JWT issuers and client-certificate identities, as the running server
-//! holds them: keys loaded from JWKS files or URLs (the I/O that
-//! `moat_guard::jwt` deliberately does not do), refreshed when a file
-//! changes or a token names an unknown `kid`, and the mapping from a
-//! verified token or certificate to a [`Principal`].
+//! holds them: keys loaded from JWKS files, URLs or the issuer's OpenID
+//! discovery document (the I/O that `moat_guard::jwt` deliberately does not
+//! do), refreshed when a file changes, periodically for URLs, and when a
+//! token names an unknown `kid`; and the mapping from a verified token or
+//! certificate to a [`Principal`].
 //!
-//! An unknown `kid` triggers at most one refresh per issuer every
-//! [`REFRESH_MIN_INTERVAL`]: otherwise a stream of tokens with random key
+//! An unknown `kid` triggers at most one fetch per issuer every
+//! `jwks_min_refresh_interval`: otherwise a stream of tokens with random key
 //! ids would make moat hammer the issuer (or re-read the file) per request.
+//!
+//! Where keys are fetched from is decided by the configuration only: the
+//! issuer URL (discovery) or `jwks_url`, never a URL inside a token. Every
+//! fetch goes through [`IssuerResolver`], which refuses loopback, private,
+//! link-local and metadata addresses (unless the issuer is marked
+//! `allow_loopback`) and is the resolver the connection really uses, so a
+//! DNS answer cannot change between the check and the connect. No
+//! redirects, no proxy from the environment, bounded size and time.
 
 use crate::config::JwtIssuerConfig;
 use moat_guard::jwt::{IssuerPolicy, Jwk, Jwks, JwtError, Key, Verifier};
@@ -17,9 +26,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// Shortest time between two unknown-`kid` refreshes of one issuer.
-pub const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
-/// Largest JWKS document read from a file or URL.
+/// Largest JWKS (or discovery) document read from a file or URL.
 const MAX_JWKS_BYTES: u64 = 1 << 20;
 
 type Stamp = Option<(SystemTime, u64, u64)>;
@@ -42,7 +49,11 @@ pub enum TokenRefusal {
 struct IssuerState {
     config: JwtIssuerConfig,
     file_stamp: Mutex<Stamp>,
-    last_refresh: Mutex<Option<Instant>>,
+    /// When keys were last fetched (or a fetch was last started), for the
+    /// periodic refresh.
+    last_fetch: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last caused a fetch: the rate limit of those.
+    last_kid_refresh: Mutex<Option<Instant>>,
 }
 
 /// The configured issuers and their current keys.
@@ -64,7 +75,8 @@ impl JwtAuth {
             issuers.push(IssuerState {
                 config: c.clone(),
                 file_stamp: Mutex::new(stamp),
-                last_refresh: Mutex::new(None),
+                last_fetch: Mutex::new(Some(Instant::now())),
+                last_kid_refresh: Mutex::new(None),
             });
         }
         Ok(JwtAuth {
@@ -112,6 +124,34 @@ impl JwtAuth {
         }
     }
 
+    /// Fetches again the keys of URL and discovery issuers whose
+    /// `jwks_refresh_interval` has passed (called about once a second, on a
+    /// blocking thread). A failed fetch keeps the previous keys.
+    pub fn refresh_due(&self) {
+        for (i, st) in self.issuers.iter().enumerate() {
+            let c = &st.config;
+            if !(c.discovery || c.jwks_url.is_some()) {
+                continue;
+            }
+            {
+                let mut last = st.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_some_and(|t| t.elapsed() < c.jwks_refresh_interval) {
+                    continue;
+                }
+                *last = Some(Instant::now());
+            }
+            match load_keys(c) {
+                Ok(keys) => {
+                    tracing::info!(issuer = %c.issuer, keys = keys.keys.len(), "JWKS refreshed (periodic)");
+                    self.replace_keys(i, keys);
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %c.issuer, error = %e, "periodic JWKS refresh failed; keeping the previous keys")
+                }
+            }
+        }
+    }
+
     /// Verifies `token` and maps it to a principal. On an unknown `kid` the
     /// issuer's keys are refreshed once (rate-limited) and the token
     /// checked again.
@@ -132,10 +172,12 @@ impl JwtAuth {
                         .await;
                         match loaded {
                             Ok(Some(Ok(keys))) => {
-                                tracing::info!(issuer_index = i, kid = %kid, "unknown key id: JWKS refreshed");
+                                tracing::info!(issuer_index = i, kid = %kid, keys = keys.keys.len(), "unknown key id: JWKS refreshed");
                                 self.replace_keys(i, keys);
                             }
-                            Ok(Some(Err(e))) => tracing::warn!(error = %e, "JWKS refresh failed"),
+                            Ok(Some(Err(e))) => {
+                                tracing::warn!(error = %e, "JWKS refresh failed; keeping the previous keys")
+                            }
                             _ => {}
                         }
                         self.verifier().verify(token, now)
@@ -193,11 +235,13 @@ impl JwtAuth {
         let Some(st) = self.issuers.get(index) else {
             return false;
         };
-        let mut last = st.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < REFRESH_MIN_INTERVAL) {
+        let mut last = st.last_kid_refresh.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < st.config.jwks_min_refresh_interval) {
             return false;
         }
         *last = Some(Instant::now());
+        // The periodic refresh counts from here too.
+        *st.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         true
     }
 }
@@ -231,6 +275,10 @@ fn load_keys(c: &JwtIssuerConfig) -> Result<Jwks, String> {
     } else if let Some(url) = &c.jwks_url {
         let bytes = fetch(url, c.allow_loopback)?;
         keys = Jwks::parse(&bytes).map_err(|e| format!("{url}: {e}"))?;
+    } else if c.discovery {
+        let url = discover(c)?;
+        let bytes = fetch(&url, c.allow_loopback)?;
+        keys = Jwks::parse(&bytes).map_err(|e| format!("{url} (jwks_uri): {e}"))?;
     }
     if let Some(path) = &c.hs256_secret_file {
         let mut secret = read_capped(path)?;
@@ -264,64 +312,125 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Fetches a JWKS over HTTP(S). Addresses that are loopback, private or
-/// link-local (cloud metadata) are refused unless the issuer allows them:
-/// an issuer URL must not become a way to reach internal services.
-fn fetch(url: &str, allow_internal: bool) -> Result<Vec<u8>, String> {
-    use std::net::ToSocketAddrs as _;
-    let parsed: ureq::http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = parsed.host().ok_or_else(|| format!("{url}: no host"))?;
-    let port = parsed
-        .port_u16()
-        .unwrap_or(if parsed.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("{url}: cannot resolve {host}: {e}"))?
-        .collect();
-    if !allow_internal && let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
+/// The `jwks_uri` of the issuer's OpenID Provider Configuration
+/// (`{issuer}/.well-known/openid-configuration`, OpenID Connect Discovery
+/// 1.0 §4). The document's `issuer` must be exactly the configured one
+/// (§4.3: otherwise one provider could hand out another's keys), and the
+/// `jwks_uri` must be https (http only where the issuer allows loopback).
+fn discover(c: &JwtIssuerConfig) -> Result<String, String> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        c.issuer.trim_end_matches('/')
+    );
+    let bytes = fetch(&url, c.allow_loopback)?;
+    let doc: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    let issuer = doc
+        .get("issuer")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{url}: no \"issuer\" string"))?;
+    if issuer != c.issuer {
         return Err(format!(
-            "{url}: {} is a loopback, private or link-local address (set allow_loopback = true to allow)",
+            "{url}: the document names issuer {issuer:?}, not the configured {:?}",
+            c.issuer
+        ));
+    }
+    let jwks_uri = doc
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{url}: no \"jwks_uri\" string"))?;
+    let scheme_ok = jwks_uri.starts_with("https://") || (c.allow_loopback && jwks_uri.starts_with("http://"));
+    if !scheme_ok {
+        return Err(format!(
+            "{url}: jwks_uri {jwks_uri:?} is not https (http needs allow_loopback = true)"
+        ));
+    }
+    Ok(jwks_uri.to_owned())
+}
+
+/// Resolves an issuer's host and refuses the answer when any address is
+/// loopback, private, link-local, metadata or otherwise not public (unless
+/// `allow_internal`). It is the resolver ureq connects with, so the
+/// addresses checked are the addresses used.
+#[derive(Debug, Clone, Copy)]
+pub struct IssuerResolver {
+    pub allow_internal: bool,
+}
+
+/// Resolves `host:port` (a literal address as itself) and refuses the whole
+/// name when any address is not public and `allow_internal` is false (a
+/// mixed answer is how rebinding attacks hedge).
+fn resolve_checked(host: &str, port: u16, allow_internal: bool) -> Result<Vec<std::net::SocketAddr>, String> {
+    use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => (bare, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {bare}: {e}"))?
+            .collect(),
+    };
+    if addrs.is_empty() {
+        return Err(format!("{bare} resolves to no address"));
+    }
+    if !allow_internal
+        && let Some((a, why)) = addrs
+            .iter()
+            .find_map(|a| moat_artifact::source::policy::non_public(a.ip()).map(|w| (a, w)))
+    {
+        return Err(format!(
+            "{bare} resolves to {}, a {why} address (set allow_loopback = true to allow)",
             a.ip()
         ));
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    Ok(addrs)
+}
+
+impl ureq::unversioned::resolver::Resolver for IssuerResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+        let host = uri.host().ok_or(ureq::Error::HostNotFound)?;
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
+        let addrs = resolve_checked(host, port, self.allow_internal)
+            .map_err(|e| ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)))?;
+        let mut out = ureq::unversioned::resolver::ResolvedSocketAddrs::from_fn(|_| {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+        });
+        for a in addrs {
+            if out.try_push(a).is_err() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// GETs an issuer document (JWKS or discovery) over HTTP(S) through
+/// [`IssuerResolver`]: no redirects, no environment proxy, 10 s, 1 MiB.
+fn fetch(url: &str, allow_internal: bool) -> Result<Vec<u8>, String> {
+    let config = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .max_redirects(0)
-        .build()
-        .into();
+        .proxy(None)
+        .user_agent(concat!("moat/", env!("CARGO_PKG_VERSION")))
+        .build();
+    let agent = ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::new(),
+        IssuerResolver { allow_internal },
+    );
     let mut resp = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
     resp.body_mut()
         .with_config()
         .limit(MAX_JWKS_BYTES)
         .read_to_vec()
         .map_err(|e| format!("{url}: {e}"))
-}
-
-fn is_internal(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-        }
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_internal(std::net::IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                v6.is_loopback()
-                    || v6.is_unspecified()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80
-            }
-        },
-    }
 }
 
 /// Maps a verified client certificate's principal to a role.
@@ -336,21 +445,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_addresses() {
-        for ip in [
+    fn internal_addresses_are_refused_unless_allowed() {
+        for host in [
             "127.0.0.1",
-            "10.1.2.3",
             "169.254.169.254",
-            "::1",
-            "fd00::1",
+            "10.1.2.3",
+            "[::1]",
             "::ffff:192.168.0.1",
+            "localhost",
         ] {
-            assert!(
-                is_internal(ip.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))),
-                "{ip}"
-            );
+            let err = resolve_checked(host, 80, false).err().unwrap_or_default();
+            assert!(err.contains("allow_loopback"), "{host}: {err}");
         }
-        assert!(!is_internal(std::net::IpAddr::from([93, 184, 216, 34])));
+        assert_eq!(resolve_checked("127.0.0.1", 8080, true).map(|a| a.len()), Ok(1));
+        assert_eq!(
+            resolve_checked("93.184.216.34", 443, false).map(|a| a.len()),
+            Ok(1)
+        );
     }
 
     #[test]

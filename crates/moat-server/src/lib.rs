@@ -309,10 +309,10 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
                 continue;
             }
             last = now;
-            match store.keyring() {
-                Ok(ring) => {
-                    tracing::info!(keys = ring.len(), "keys file changed; reloaded");
-                    state.set_keyring(ring);
+            match store.records() {
+                Ok(records) => {
+                    tracing::info!(keys = records.len(), "keys file changed; reloaded");
+                    state.set_keys(records);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "keys file changed but cannot be read; keeping the previous keys")
@@ -322,14 +322,19 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
     });
 }
 
-/// Re-reads changed JWKS files about once a second.
+/// Re-reads changed JWKS files, and re-fetches URL and discovery JWKS
+/// whose refresh interval has passed, about once a second.
 fn watch_jwks(jwt: Arc<auth::JwtAuth>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let j = jwt.clone();
-            let _ = tokio::task::spawn_blocking(move || j.reload_changed_files()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                j.reload_changed_files();
+                j.refresh_due();
+            })
+            .await;
         }
     });
 }
@@ -468,11 +473,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let keys = KeyStore::new(config.keys_file.clone());
-    let keyring = keys.keyring().map_err(|e| ServerError::Keys {
+    let key_records = keys.records().map_err(|e| ServerError::Keys {
         path: config.keys_file.clone(),
         message: e.to_string(),
     })?;
-    if keyring.is_empty() {
+    if key_records.is_empty() {
         tracing::warn!(path = %config.keys_file.display(), "no API keys: authenticated routes will answer 401; create one with `moat keys create`");
     }
     let request_log = match &config.request_log {
@@ -525,7 +530,7 @@ pub async fn serve(
         rbac: config.rbac.clone(),
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
-        keyring: RwLock::new(Arc::new(keyring)),
+        keyring: RwLock::new(Arc::new(moat_guard::Keyring::default())),
         metrics,
         request_log,
         public_routes: config.public_routes.clone(),
@@ -543,6 +548,7 @@ pub async fn serve(
             deadline: deadline_rx,
         },
     });
+    state.set_keys(key_records);
     {
         // Forget limiter state that no longer limits anyone.
         let rate = state.rate.clone();

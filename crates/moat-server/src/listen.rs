@@ -17,6 +17,11 @@
 //!
 //! Shutdown stops accepting, asks every connection to finish its current
 //! response and close, and waits for all of them.
+//!
+//! A refusal at any of these steps happens before there is a request, so
+//! the request layers cannot record it; [`ConnRejects`] does what they do
+//! for requests: a log line, a `moat_rejections_total{stage,reason}`
+//! increment and an audit record (`connection.reject`).
 
 use crate::config::Limits;
 use crate::metrics::{Plane, Rejection};
@@ -29,8 +34,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -42,6 +47,98 @@ use tokio::task::JoinSet;
 /// (`None`: plain HTTP, or TLS without a client certificate).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientCert(pub Option<String>);
+
+/// Audit records of connection refusals per plane per second; the rest
+/// are counted and logged but folded into the next record's `suppressed`
+/// note. A refusal costs an attacker one TCP connect, so without a budget
+/// a port scan would become an audit-log flood (and, with a fail-closed
+/// audit, a way to stall it).
+const CONN_AUDIT_PER_SECOND: u32 = 50;
+
+/// Counts, logs and audits refusals that happen before any request.
+pub struct ConnRejects {
+    state: Arc<AppState>,
+    plane: Plane,
+    /// (start of the current second, records written in it, suppressed
+    /// since the last written record).
+    budget: Mutex<(Instant, u32, u64)>,
+}
+
+impl ConnRejects {
+    pub fn new(state: Arc<AppState>, plane: Plane) -> Self {
+        ConnRejects {
+            state,
+            plane,
+            budget: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Records one refusal of `peer`: `message` is the log line, `detail`
+    /// (the TLS or HTTP error, say) goes to the log only.
+    pub fn reject(&self, peer: SocketAddr, r: Rejection, message: &str, detail: Option<&str>) {
+        tracing::warn!(
+            plane = self.plane.as_str(),
+            peer = %peer,
+            stage = r.stage,
+            reason = r.reason,
+            error = detail.unwrap_or(""),
+            "{message}"
+        );
+        self.state.metrics.reject(r);
+        let Some(audit) = &self.state.audit else {
+            return;
+        };
+        let suppressed = {
+            let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+            if b.0.elapsed() >= Duration::from_secs(1) {
+                b.0 = Instant::now();
+                b.1 = 0;
+            }
+            if b.1 >= CONN_AUDIT_PER_SECOND {
+                b.2 += 1;
+                return;
+            }
+            b.1 += 1;
+            std::mem::take(&mut b.2)
+        };
+        let mut rec = moat_audit::AuditRecord::new("connection.reject", moat_audit::Outcome::Denied);
+        rec.resource = Some(if suppressed > 0 {
+            format!(
+                "{} plane ({suppressed} earlier connection refusals not audited: over {CONN_AUDIT_PER_SECOND}/s)",
+                self.plane.as_str()
+            )
+        } else {
+            format!("{} plane", self.plane.as_str())
+        });
+        rec.stage = Some(r.stage.to_owned());
+        rec.reason = Some(r.reason.to_owned());
+        rec.client_addr = Some(peer.ip().to_string());
+        // Never waits: the accept loop must not stall on the disk.
+        if let Err(e) = audit.submit(rec) {
+            tracing::error!(error = %e, "audit record of a connection refusal not written");
+        }
+    }
+}
+
+/// The rejection a failed TLS handshake stands for: which of the reasons
+/// an operator acts on differently (an old client, a missing client
+/// certificate, a client that distrusts our certificate).
+fn tls_rejection(e: &std::io::Error) -> Rejection {
+    use tokio_rustls::rustls::{Error as TlsError, PeerIncompatible};
+    let reason = match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+        Some(TlsError::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired,
+        )) => "protocol_version",
+        Some(TlsError::PeerIncompatible(_)) => "peer_incompatible",
+        Some(TlsError::NoCertificatesPresented) => "no_client_cert",
+        Some(TlsError::InvalidCertificate(_)) => "bad_client_cert",
+        Some(TlsError::AlertReceived(_)) => "client_alert",
+        _ => "handshake_failed",
+    };
+    Rejection::new("tls", reason)
+}
 
 /// One plane ready to serve.
 pub struct PlaneServer {
@@ -58,6 +155,7 @@ impl PlaneServer {
     pub async fn run(self, state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         let mut conns = JoinSet::new();
         let conn_stop = stop.clone();
+        let rejects = Arc::new(ConnRejects::new(state.clone(), self.plane));
         loop {
             tokio::select! {
                 _ = stop.wait_for(|v| *v) => break,
@@ -74,20 +172,23 @@ impl PlaneServer {
                         }
                     };
                     if !self.allow.allows(peer.ip()) {
-                        tracing::warn!(plane = self.plane.as_str(), peer = %peer, "connection refused: peer is outside allow_cidrs");
-                        state.metrics.reject(Rejection::new("network", "cidr_denied"));
                         drop(tcp);
+                        rejects.reject(
+                            peer,
+                            Rejection::new("network", "cidr_denied"),
+                            "connection refused: peer is outside allow_cidrs",
+                            None,
+                        );
                         continue;
                     }
                     let _ = tcp.set_nodelay(true);
                     conns.spawn(connection(
                         tcp,
                         peer,
-                        self.plane,
                         self.tls.clone(),
                         self.router.clone(),
                         self.limits,
-                        state.clone(),
+                        rejects.clone(),
                         conn_stop.clone(),
                     ));
                 }
@@ -126,15 +227,14 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    plane: Plane,
     tls: Option<Arc<Reloadable>>,
     router: Router,
     limits: Limits,
-    state: Arc<AppState>,
+    rejects: Arc<ConnRejects>,
     stop: watch::Receiver<bool>,
 ) {
     let Some(tls) = tls else {
-        serve_http(tcp, peer, ClientCert(None), router, limits, stop).await;
+        serve_http(tcp, peer, ClientCert(None), router, limits, rejects, stop).await;
         return;
     };
     let handshake = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(tcp)).await;
@@ -146,16 +246,18 @@ async fn connection(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| principal_from_cert(c.as_ref()));
-            serve_http(stream, peer, ClientCert(cert), router, limits, stop).await;
+            serve_http(stream, peer, ClientCert(cert), router, limits, rejects, stop).await;
         }
         Ok(Err(e)) => {
-            tracing::warn!(plane = plane.as_str(), peer = %peer, error = %e, "TLS handshake refused");
-            state.metrics.reject(Rejection::new("tls", "handshake_failed"));
+            let detail = e.to_string();
+            rejects.reject(peer, tls_rejection(&e), "TLS handshake refused", Some(&detail));
         }
-        Err(_) => {
-            tracing::warn!(plane = plane.as_str(), peer = %peer, "TLS handshake timed out");
-            state.metrics.reject(Rejection::new("tls", "handshake_timeout"));
-        }
+        Err(_) => rejects.reject(
+            peer,
+            Rejection::new("tls", "handshake_timeout"),
+            "TLS handshake timed out",
+            None,
+        ),
     }
 }
 
@@ -166,6 +268,11 @@ struct Activity {
     /// Milliseconds since `epoch` of the last byte read or written.
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Bytes of a next request head arrived since the last request ended:
+    /// a header timeout then cut a slow client, not an idle keep-alive.
+    partial_head: AtomicBool,
+    /// Requests this connection has carried.
+    served: AtomicUsize,
 }
 
 struct Tracked<I> {
@@ -191,6 +298,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.touch();
+            if self.activity.busy.load(Ordering::Relaxed) == 0 {
+                self.activity.partial_head.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -222,6 +332,7 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.partial_head.store(false, Ordering::Relaxed);
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -232,6 +343,7 @@ async fn serve_http<I>(
     cert: ClientCert,
     router: Router,
     limits: Limits,
+    rejects: Arc<ConnRejects>,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -248,6 +360,7 @@ async fn serve_http<I>(
         req.extensions_mut().insert(ConnectInfo(peer));
         req.extensions_mut().insert(cert.clone());
         svc_activity.busy.fetch_add(1, Ordering::Relaxed);
+        svc_activity.served.fetch_add(1, Ordering::Relaxed);
         let busy = Busy(svc_activity.clone());
         let mut router = router.clone();
         // Boxed so the connection is `Unpin` and can be polled without
@@ -287,8 +400,40 @@ async fn serve_http<I>(
         match event {
             Event::Done(Err(e)) => {
                 // Header timeouts, oversized heads and resets land here;
-                // hyper has already answered what can be answered.
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                // hyper has already answered what can be answered (431).
+                let detail = e.to_string();
+                if e.is_parse_too_large() {
+                    rejects.reject(
+                        peer,
+                        Rejection::new("limits", "header_too_large"),
+                        "request refused: head larger than limits.max_header_bytes",
+                        Some(&detail),
+                    );
+                } else if e.is_timeout() {
+                    // An idle keep-alive connection that sent nothing is
+                    // not a refusal; a head that started and did not
+                    // finish (or a new connection that never sent one) is
+                    // the slowloris cut-off.
+                    let started = activity.partial_head.load(Ordering::Relaxed)
+                        || activity.served.load(Ordering::Relaxed) == 0;
+                    if started {
+                        rejects.reject(
+                            peer,
+                            Rejection::new("limits", "header_timeout"),
+                            "connection cut: request head not complete within limits.header_read_timeout",
+                            Some(&detail),
+                        );
+                    }
+                } else if e.is_parse() {
+                    rejects.reject(
+                        peer,
+                        Rejection::new("protocol", "bad_request_head"),
+                        "request refused: malformed HTTP request head",
+                        Some(&detail),
+                    );
+                } else {
+                    tracing::debug!(peer = %peer, error = %detail, "connection ended with an error");
+                }
                 return;
             }
             Event::Done(Ok(())) => {

@@ -666,6 +666,7 @@ fn key_json(k: &KeyRecord, now: u64) -> Value {
         "id": k.id, "object": "key", "role": k.role.to_string(),
         "models": if k.models.is_empty() { Value::Null } else { json!(k.models) },
         "created": k.created, "expires": k.expires, "revoked": k.revoked, "state": state,
+        "limits": k.limits,
     })
 }
 
@@ -685,8 +686,8 @@ fn key_error(e: moat_guard::keys::KeyError) -> ApiError {
 /// Reload the keyring from the file just written, so the change holds for
 /// the next request (the file watcher would also see it within a second).
 fn reload_keys(m: &Management) -> Result<(), ApiError> {
-    let ring = m.keys.keyring().map_err(key_error)?;
-    m.app.set_keyring(ring);
+    let records = m.keys.records().map_err(key_error)?;
+    m.app.set_keys(records);
     Ok(())
 }
 
@@ -705,6 +706,8 @@ struct CreateKey {
     models: Option<Vec<String>>,
     /// Lifetime, e.g. `30d`, `12h`.
     expires_in: Option<String>,
+    /// The key's own limits (tightening its role's).
+    limits: Option<moat_guard::KeyLimits>,
 }
 
 fn escalation(ctx: Option<&Arc<RequestContext>>, e: &moat_guard::rbac::Escalation) -> ApiError {
@@ -749,17 +752,22 @@ async fn create_key(
         .map(parse_duration)
         .transpose()
         .map_err(|e| ApiError::bad_request(Some("expires_in".into()), e.to_string()))?;
+    let own_limits = req.limits.unwrap_or_default();
+    own_limits
+        .validate()
+        .map_err(|e| ApiError::bad_request(Some("limits".into()), e))?;
     let now = now_unix();
     let requested = Grants {
         role,
         models: req.models.clone(),
         expires: ttl.map(|t| now.saturating_add(t)),
+        limits: m.app.rate.role_limits(role).tightest(&own_limits),
     };
-    grants_within(&m.app.rbac, &Grants::of(&principal), &requested)
-        .map_err(|e| escalation(ctx.as_ref(), &e))?;
+    let creator = Grants::of(&principal, m.app.rate.limits_for(&principal));
+    grants_within(&m.app.rbac, &creator, &requested).map_err(|e| escalation(ctx.as_ref(), &e))?;
     let keys = m.keys.clone();
     let models = req.models.unwrap_or_default();
-    let key = blocking(move || keys.create(role, models, ttl))
+    let key = blocking(move || keys.create_with(role, models, ttl, Some(own_limits)))
         .await?
         .map_err(key_error)?;
     reload_keys(&m)?;
@@ -791,13 +799,18 @@ async fn revoke_key(
     // Revoking is a power over the key: only over keys whose grants the
     // caller could have created (a scoped user cannot cut off an admin).
     if target.id != principal.key_id {
+        let role_limits = m.app.rate.role_limits(target.role);
         let grants = Grants {
             role: target.role,
             models: (!target.models.is_empty()).then(|| target.models.clone()),
             expires: target.expires,
+            limits: target
+                .limits
+                .as_ref()
+                .map_or(role_limits, |l| role_limits.tightest(l)),
         };
-        grants_within(&m.app.rbac, &Grants::of(&principal), &grants)
-            .map_err(|e| escalation(ctx.as_ref(), &e))?;
+        let creator = Grants::of(&principal, m.app.rate.limits_for(&principal));
+        grants_within(&m.app.rbac, &creator, &grants).map_err(|e| escalation(ctx.as_ref(), &e))?;
     }
     let keys = m.keys.clone();
     let rec = blocking(move || keys.revoke(&id)).await?.map_err(key_error)?;

@@ -111,6 +111,7 @@ impl Rejection {
             (401, _) => Self::new("auth", "invalid_api_key"),
             (403, _) => Self::new("rbac", "forbidden"),
             (413, _) => Self::new("limits", "body_too_large"),
+            (504, Some("request_timeout")) => Self::new("limits", "request_timeout"),
             (429, _) => Self::new("rate_limit", "rate_limited"),
             (503, Some("overloaded")) => Self::new("overload", "queue_full"),
             (503, Some("audit_unavailable")) => Self::new("audit", "audit_unavailable"),

@@ -192,13 +192,16 @@ fn key_refusal(e: AuthError) -> Refusal {
 
 /// Rate limits (after authentication: the limits are per principal and
 /// per role). Public routes carry no principal and are not limited here;
-/// the global cap applies to authenticated traffic.
+/// the global cap applies to authenticated traffic on the inference plane
+/// only: shedding load must not blind the operator (metrics scrapes) or
+/// lock out the administrators who would fix it.
 pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
         return next.run(req).await;
     };
     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
-    match state.rate.admit(&principal).await {
+    let global = ctx.as_ref().is_none_or(|c| c.plane() == Plane::Inference);
+    match state.rate.admit(&principal, global).await {
         Ok(admission) => {
             if let (Some(ctx), Some(p)) = (&ctx, admission.permit) {
                 ctx.hold_permit(p);

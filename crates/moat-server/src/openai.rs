@@ -230,7 +230,7 @@ pub async fn chat_completions(
     ctx.set_model(engine.name(), engine.revision());
     // The role's caps, then the token budget: `max_tokens` is the most this
     // request can cost, reserved now and settled when the response ends.
-    let limits = *state.rate.limits_for(&principal);
+    let limits = state.rate.limits_for(&principal);
     let asked = req
         .max_completion_tokens
         .or(req.max_tokens)
@@ -241,7 +241,9 @@ pub async fn chat_completions(
         ctx.set_rejection(Rejection::new("limits", "max_tokens_cap"));
         return Err(ApiError::bad_request(
             Some("max_tokens".into()),
-            format!("max_tokens {asked} exceeds this role's limit of {cap}"),
+            format!(
+                "max_tokens {asked} exceeds the max_tokens limit of {cap} for this caller (role or key limits)"
+            ),
         ));
     }
     if let (Some(cap), Some(n)) = (limits.max_n, req.n)
@@ -250,7 +252,7 @@ pub async fn chat_completions(
         ctx.set_rejection(Rejection::new("limits", "n_cap"));
         return Err(ApiError::bad_request(
             Some("n".into()),
-            format!("n {n} exceeds this role's limit of {cap}"),
+            format!("n {n} exceeds the max_n limit of {cap} for this caller (role or key limits)"),
         ));
     }
     let mut token_headers = None;

@@ -1,13 +1,18 @@
 //! Rate limits as the server applies them: a global requests/s cap, then
 //! per principal a concurrency cap, a requests/min GCRA and a tokens/min
-//! budget, with the limits of the principal's role.
+//! budget, with the limits of the principal's role tightened by the API
+//! key's own limits (the smaller of the two, field by field).
 //!
 //! The arithmetic is `moat_guard::ratelimit`'s; this module chooses where
 //! the state lives (this process, or Redis when `redis_url` is set so that
 //! replicas share one budget), applies the fail-open/closed policy when
 //! Redis does not answer, and turns decisions into 429s with an exact
-//! `Retry-After`. The global cap and concurrency are always local: they
-//! protect this process.
+//! `Retry-After`. With Redis the global cap is one budget for all replicas
+//! too (the seed's "throttle above N requests/s" is about the service, not
+//! one process); when Redis fails under `on_redis_error = "open"` each
+//! process falls back to enforcing the whole cap locally, so a Redis outage
+//! never removes the cap altogether. Concurrency is always local: it
+//! protects this process.
 //!
 //! Tokens are reserved at admission (the request's `max_tokens`, which is
 //! the most it can cost) and what was not generated is given back when the
@@ -15,11 +20,12 @@
 //! long generations and is not charged for tokens it never received.
 
 use crate::config::{OnRedisError, PrincipalLimits, RateLimitConfig};
-use moat_guard::Principal;
+use moat_guard::keys::KeyRecord;
 use moat_guard::ratelimit::redis::RedisLimiter;
 use moat_guard::ratelimit::{Decision, Limiter, Quota};
+use moat_guard::{KeyLimits, Principal, PrincipalKind, Role};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -95,8 +101,13 @@ pub struct RateLimits {
     global: Option<Quota>,
     redis: Option<RedisLimiter>,
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// API key id → the key's own limits (only keys that carry some).
+    key_limits: RwLock<Arc<HashMap<String, KeyLimits>>>,
     epoch: Instant,
 }
+
+/// The Redis key of the global cap (principal keys start `req:`/`tok:`).
+const GLOBAL_KEY: &str = "global";
 
 /// Whole seconds, rounded up, at least 1: a client that waits this long
 /// is admitted.
@@ -131,13 +142,39 @@ impl RateLimits {
             local: Limiter::new(),
             redis,
             concurrency: Mutex::new(HashMap::new()),
+            key_limits: RwLock::new(Arc::new(HashMap::new())),
             epoch: Instant::now(),
             config,
         }
     }
 
-    pub fn limits_for(&self, p: &Principal) -> &PrincipalLimits {
-        self.config.for_role(p.role)
+    /// The limits that apply to `p`: its role's, tightened by its API
+    /// key's own limits when it has any.
+    /// The limits a role's principals get before any key's own.
+    pub fn role_limits(&self, role: Role) -> PrincipalLimits {
+        *self.config.for_role(role)
+    }
+
+    pub fn limits_for(&self, p: &Principal) -> PrincipalLimits {
+        let role = *self.config.for_role(p.role);
+        if p.kind != PrincipalKind::ApiKey {
+            return role;
+        }
+        let keys = self.key_limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match keys.get(&p.key_id) {
+            Some(k) => role.tightest(k),
+            None => role,
+        }
+    }
+
+    /// Takes the key limits from the keys file's records (at start and on
+    /// every reload of the file).
+    pub fn set_key_limits(&self, records: &[KeyRecord]) {
+        let map: HashMap<String, KeyLimits> = records
+            .iter()
+            .filter_map(|r| r.limits.filter(|l| !l.is_empty()).map(|l| (r.id.clone(), l)))
+            .collect();
+        *self.key_limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
     }
 
     fn now(&self) -> u64 {
@@ -169,25 +206,62 @@ impl RateLimits {
         }
     }
 
-    /// Admits one request of `p`: global cap, concurrency, requests/min.
-    pub async fn admit(&self, p: &Principal) -> Result<Admission, Refused> {
-        if let Some(q) = &self.global
-            && let Decision::Limited { retry_after } = self.local.check("\u{0}global", q, 1, self.now())
-        {
-            return Err(Refused {
+    /// The global requests/s cap: one budget in Redis for every replica
+    /// when Redis is configured, else (or when Redis fails and the policy
+    /// is "open") this process's own.
+    async fn check_global(&self, q: &Quota) -> Result<(), Refused> {
+        let decision = match &self.redis {
+            None => self.local.check("\u{0}global", q, 1, self.now()),
+            Some(redis) => match redis.check(GLOBAL_KEY, q, 1).await {
+                Ok(d) => d,
+                Err(e) => match self.config.on_redis_error {
+                    OnRedisError::Open => {
+                        tracing::warn!(error = %e, "global cap: redis unavailable; enforcing it in this process alone (on_redis_error = \"open\")");
+                        self.local.check("\u{0}global", q, 1, self.now())
+                    }
+                    OnRedisError::Closed => {
+                        tracing::error!(error = %e, "global cap: redis unavailable; refusing (on_redis_error = \"closed\")");
+                        return Err(Refused {
+                            reason: "limiter_unavailable",
+                            message: "the rate limiter is unavailable; try again shortly".into(),
+                            retry_after: 1,
+                            unavailable: true,
+                        });
+                    }
+                },
+            },
+        };
+        match decision {
+            Decision::Allowed { .. } => Ok(()),
+            Decision::Limited { retry_after } => Err(Refused {
                 reason: "global_cap",
-                message: "the server is at its global request rate; slow down".into(),
+                message: format!(
+                    "the server is at its global limit of {} requests per second; retry after {:.1} s",
+                    q.rate,
+                    retry_after.as_secs_f64()
+                ),
                 retry_after: retry_after_secs(retry_after),
                 unavailable: false,
-            });
+            }),
         }
-        let limits = *self.limits_for(p);
+    }
+
+    /// Admits one request of `p`: the global cap (when `global`: requests
+    /// of the inference plane), concurrency, requests/min.
+    pub async fn admit(&self, p: &Principal, global: bool) -> Result<Admission, Refused> {
+        if global && let Some(q) = &self.global {
+            self.check_global(q).await?;
+        }
+        let limits = self.limits_for(p);
         let permit = match limits.max_concurrent {
             None => None,
             Some(max) => {
                 let sem = {
                     let mut map = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
-                    map.entry(p.key_id.clone())
+                    // Keyed with the limit too: a key whose limit was
+                    // changed in the keys file gets a semaphore of the new
+                    // size (the old one empties and is swept).
+                    map.entry(format!("{}\u{0}{max}", p.key_id))
                         .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
                         .clone()
                 };
@@ -236,7 +310,7 @@ impl RateLimits {
         p: &Principal,
         max_tokens: u64,
     ) -> Result<Option<TokenReservation>, Refused> {
-        let Some(q) = token_quota(self.limits_for(p)) else {
+        let Some(q) = token_quota(&self.limits_for(p)) else {
             return Ok(None);
         };
         let key = format!("tok:{}", p.key_id);
@@ -302,9 +376,9 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..3 {
-            assert!(rl.admit(&user()).await.is_ok());
+            assert!(rl.admit(&user(), true).await.is_ok());
         }
-        let r = rl.admit(&user()).await.err().unwrap();
+        let r = rl.admit(&user(), true).await.err().unwrap();
         assert_eq!(r.reason, "requests_per_minute");
         assert_eq!(r.retry_after, 1);
     }
@@ -315,10 +389,109 @@ mod tests {
             max_concurrent: Some(1),
             ..Default::default()
         });
-        let a = rl.admit(&user()).await.ok().unwrap();
-        assert_eq!(rl.admit(&user()).await.err().unwrap().reason, "concurrency");
+        let a = rl.admit(&user(), true).await.ok().unwrap();
+        assert_eq!(rl.admit(&user(), true).await.err().unwrap().reason, "concurrency");
         drop(a);
-        assert!(rl.admit(&user()).await.is_ok());
+        assert!(rl.admit(&user(), true).await.is_ok());
+    }
+
+    fn keyed(id: &str) -> Principal {
+        Principal::new(PrincipalKind::ApiKey, id.into(), Role::User, None)
+    }
+
+    fn record(id: &str, limits: Option<KeyLimits>) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            role: Role::User,
+            models: Vec::new(),
+            created: 0,
+            expires: None,
+            revoked: None,
+            secret_sha256: String::new(),
+            limits,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_keys_own_limits_tighten_its_roles_and_never_loosen_them() {
+        let rl = limits(PrincipalLimits {
+            requests_per_minute: Some(600),
+            burst: Some(5),
+            max_tokens: Some(100),
+            ..Default::default()
+        });
+        rl.set_key_limits(&[
+            record(
+                "tight",
+                Some(KeyLimits {
+                    requests_per_minute: Some(60),
+                    burst: Some(2),
+                    max_tokens: Some(1000),
+                    ..Default::default()
+                }),
+            ),
+            record("plain", None),
+        ]);
+        let eff = rl.limits_for(&keyed("tight"));
+        assert_eq!(eff.requests_per_minute, Some(60));
+        assert_eq!(eff.burst, Some(2));
+        // The key asks for more than its role allows: the role wins.
+        assert_eq!(eff.max_tokens, Some(100));
+        assert_eq!(rl.limits_for(&keyed("plain")).requests_per_minute, Some(600));
+        // Enforced, not just computed: a burst of 2, then 429.
+        assert!(rl.admit(&keyed("tight"), true).await.is_ok());
+        assert!(rl.admit(&keyed("tight"), true).await.is_ok());
+        assert_eq!(
+            rl.admit(&keyed("tight"), true).await.err().unwrap().reason,
+            "requests_per_minute"
+        );
+        for _ in 0..5 {
+            assert!(rl.admit(&keyed("plain"), true).await.is_ok());
+        }
+        // A JWT principal whose subject happens to equal a key id gets no
+        // key limits.
+        let jwt = Principal::new(PrincipalKind::Jwt, "tight".into(), Role::User, None);
+        assert_eq!(rl.limits_for(&jwt).requests_per_minute, Some(600));
+    }
+
+    #[tokio::test]
+    async fn the_global_cap_sheds_with_retry_after() {
+        let rl = Arc::new(RateLimits::new(RateLimitConfig {
+            global_requests_per_second: Some(3),
+            ..RateLimitConfig::default()
+        }));
+        for _ in 0..3 {
+            assert!(rl.admit(&user(), true).await.is_ok());
+        }
+        let r = rl.admit(&keyed("other"), true).await.err().unwrap();
+        assert_eq!(r.reason, "global_cap");
+        assert_eq!(r.retry_after, 1);
+        assert!(!r.unavailable);
+        assert!(r.message.contains("3 requests per second"), "{}", r.message);
+        // Requests of other planes (metrics, management) are not shed.
+        assert!(rl.admit(&user(), false).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn global_cap_with_redis_down_follows_on_redis_error() {
+        // Nothing listens on port 1 of loopback: every Redis call fails.
+        let cfg = |on| RateLimitConfig {
+            global_requests_per_second: Some(2),
+            redis_addr: Some("127.0.0.1:1".into()),
+            on_redis_error: on,
+            ..RateLimitConfig::default()
+        };
+        let closed = RateLimits::new(cfg(OnRedisError::Closed));
+        let r = closed.admit(&user(), true).await.err().unwrap();
+        assert!(r.unavailable && r.reason == "limiter_unavailable", "{r:?}");
+        // Open: the cap still holds, per process.
+        let open = RateLimits::new(cfg(OnRedisError::Open));
+        assert!(open.admit(&user(), true).await.is_ok());
+        assert!(open.admit(&user(), true).await.is_ok());
+        assert_eq!(
+            open.admit(&user(), true).await.err().unwrap().reason,
+            "global_cap"
+        );
     }
 
     #[tokio::test]

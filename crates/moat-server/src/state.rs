@@ -113,6 +113,13 @@ impl AppState {
         }
     }
 
+    /// Installs the keys file's records: the keyring that authenticates
+    /// and the per-key limits the rate limiter applies, from one read.
+    pub fn set_keys(&self, records: Vec<moat_guard::keys::KeyRecord>) {
+        self.rate.set_key_limits(&records);
+        self.set_keyring(Keyring::new(records));
+    }
+
     pub fn set_keyring(&self, ring: Keyring) {
         let ring = Arc::new(ring);
         match self.keyring.write() {
@@ -190,6 +197,11 @@ impl RequestContext {
         }
     }
 
+    /// The listener the request came in on.
+    pub fn plane(&self) -> Plane {
+        self.plane
+    }
+
     /// When the first layer saw the request.
     pub fn started(&self) -> Instant {
         self.started
@@ -240,7 +252,7 @@ impl RequestContext {
                 (_, _, "/health" | "/ready") => "health.read",
                 _ => "http.request",
             };
-            let (outcome, stage) = match f.status {
+            let (mut outcome, mut stage) = match f.status {
                 0..=399 => (Outcome::Allowed, None),
                 401 => (Outcome::Denied, Some("auth")),
                 403 => (Outcome::Denied, Some("authz")),
@@ -248,11 +260,25 @@ impl RequestContext {
                 400..=498 => (Outcome::Denied, Some("request")),
                 _ => (Outcome::Error, Some("engine")),
             };
+            // A refusal is recorded with the same stage and reason as the
+            // `moat_rejections_total` counter it increments, so the two can
+            // be joined; the error code stays in `reason` otherwise.
+            let rejection = f
+                .rejection
+                .or_else(|| crate::metrics::Rejection::from_response(f.status, f.error.as_deref()));
+            let mut reason = f.error.clone();
+            if let Some(r) = rejection {
+                // Shed load (503 overloaded) and cut requests (504) are
+                // refusals by a limit, not engine failures.
+                outcome = Outcome::Denied;
+                stage = Some(r.stage);
+                reason = Some(r.reason.to_owned());
+            }
             let mut rec = AuditRecord::new(act, outcome);
             rec.request_id = Some(self.request_id.clone());
             rec.principal = f.key_id.clone();
             rec.resource = Some(format!("{} {}", self.method, self.path));
-            rec.reason = f.error.clone();
+            rec.reason = reason;
             rec.stage = stage.map(str::to_owned);
             rec.model = f.model.clone();
             rec.model_digest = f.model_digest.clone();

@@ -227,6 +227,43 @@ impl SignaturePolicyArgs {
     }
 }
 
+/// `moat keys create` limit flags (each optional; absent is "no limit
+/// beyond the role's").
+#[derive(Args, Default)]
+struct KeyLimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Requests that may arrive back to back (needs --rpm).
+    #[arg(long)]
+    burst: Option<u64>,
+    /// Completion tokens per minute (reserved at admission as max_tokens).
+    #[arg(long)]
+    tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    max_concurrent: Option<u32>,
+    /// Largest max_tokens one request may ask for.
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Largest n (choices) one request may ask for.
+    #[arg(long)]
+    max_n: Option<u32>,
+}
+
+impl KeyLimitArgs {
+    fn limits(&self) -> moat_guard::KeyLimits {
+        moat_guard::KeyLimits {
+            requests_per_minute: self.rpm,
+            burst: self.burst,
+            tokens_per_minute: self.tpm,
+            max_concurrent: self.max_concurrent,
+            max_tokens: self.max_tokens,
+            max_n: self.max_n,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key; the key is printed once and only its hash is stored.
@@ -239,6 +276,10 @@ enum KeysCommand {
         /// Lifetime, e.g. 30d, 12h.
         #[arg(long)]
         expires: Option<String>,
+        /// This key's own limits; the tighter of these and the role's
+        /// `[rate_limits]` apply.
+        #[command(flatten)]
+        limits: KeyLimitArgs,
     },
     /// List keys (ids, roles, scopes; never secrets).
     List,
@@ -532,13 +573,19 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
             role,
             models,
             expires,
+            limits,
         } => {
             let role: Role = role.parse()?;
             for m in &models {
                 moat_artifact::name::ModelName::parse(m)?;
             }
             let ttl = expires.as_deref().map(parse_duration).transpose()?;
-            let key = store.create(role, models, ttl)?;
+            let limits = limits.limits();
+            // Checked before the key exists, so a bad flag creates nothing.
+            limits
+                .validate()
+                .map_err(|e| anyhow::anyhow!("key limits: {e}"))?;
+            let key = store.create_with(role, models, ttl, Some(limits))?;
             eprintln!(
                 "created key {} ({}); it is shown once, store it now:",
                 key.record.id, key.record.role
@@ -548,8 +595,8 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
         KeysCommand::List => {
             let now = moat_guard::keys::now_unix();
             println!(
-                "{:<16}  {:<5}  {:<9}  {:<20}  models",
-                "id", "role", "state", "expires"
+                "{:<16}  {:<5}  {:<9}  {:<20}  {:<24}  limits",
+                "id", "role", "state", "expires", "models"
             );
             for k in store.records()? {
                 let state = if k.revoked.is_some() {
@@ -567,8 +614,9 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
                 } else {
                     k.models.join(",")
                 };
+                let limits = k.limits.unwrap_or_default();
                 println!(
-                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models}",
+                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models:<24}  {limits}",
                     k.id,
                     k.role.to_string()
                 );

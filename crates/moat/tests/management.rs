@@ -350,9 +350,22 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
     let t = tmp();
     let (store, admin, _) = store_with_model(t.path());
     let admin_id = admin.split('_').nth(1).unwrap().to_owned();
-    // A user key with keys:write, scoped to `m`: it may hand out user keys
-    // for `m` only.
-    let (_, delegate) = create_key(&store, "user", Some("m"));
+    // A user key with keys:write, scoped to `m` and limited to 600
+    // requests/min: it may hand out user keys for `m` only, no looser.
+    let o = run(&[
+        "keys",
+        "create",
+        "--role",
+        "user",
+        "--models",
+        "m",
+        "--rpm",
+        "600",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let delegate = stdout(&o).trim().to_owned();
     let o = run(&[
         "keys",
         "totp",
@@ -428,6 +441,12 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
         (json!({"role": "admin", "models": ["m"]}), "models:write"),
         (json!({"role": "user", "models": ["other"]}), "\"other\""),
         (json!({"role": "user"}), "every model"),
+        // Limits: none (unlimited) or a larger one than the creator's.
+        (json!({"role": "user", "models": ["m"]}), "looser"),
+        (
+            json!({"role": "user", "models": ["m"], "limits": {"requests_per_minute": 601}}),
+            "rpm=601",
+        ),
     ] {
         let (s, body) = call("POST", &keys, Some(&delegate), None, Some(req.clone()));
         assert_eq!(s, 403, "{req}: {body}");
@@ -438,8 +457,11 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
         );
     }
     // Within its grants: created, works at once, revoked over the API.
-    let (s, body) = call("POST", &keys, Some(&delegate), None, Some(new_user.clone()));
+    let mut limited_user = new_user.clone();
+    limited_user["limits"] = json!({"requests_per_minute": 60});
+    let (s, body) = call("POST", &keys, Some(&delegate), None, Some(limited_user));
     assert_eq!(s, 201, "{body}");
+    assert_eq!(body["limits"]["requests_per_minute"], 60, "{body}");
     let (new_key, new_id) = (
         body["key"].as_str().unwrap().to_owned(),
         body["id"].as_str().unwrap().to_owned(),
@@ -474,6 +496,7 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
         "hashes are never listed"
     );
     assert!(rejections(&server, &admin, "rbac", "grant_model") >= 2);
+    assert_eq!(rejections(&server, &admin, "rbac", "grant_limits"), 2);
 
     // Every management call is in the audit chain: the refused step-ups and
     // escalations as denials, the creation and revocation as changes.
@@ -498,8 +521,8 @@ fn keys_api_refuses_escalation_and_totp_step_up_holds() {
         "audit records missing"
     );
     let recs = records();
-    // Missing, wrong, replayed code; the laundering admin; three escalations.
-    assert_eq!(count(&recs, "key.create", "denied"), 7, "{recs:#?}");
+    // Missing, wrong, replayed code; the laundering admin; five escalations.
+    assert_eq!(count(&recs, "key.create", "denied"), 9, "{recs:#?}");
     assert_eq!(count(&recs, "key.create", "allowed"), 2);
     assert_eq!(count(&recs, "key.create", "ok"), 2);
     assert!(recs.iter().any(|r| r["action"] == "key.create"

@@ -263,6 +263,9 @@ pub struct RawJwtIssuer {
     pub algorithms: Option<Vec<String>>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    pub discovery: Option<bool>,
+    pub jwks_refresh_interval: Option<RawDuration>,
+    pub jwks_min_refresh_interval: Option<RawDuration>,
     pub allow_loopback: Option<bool>,
     pub hs256_secret_file: Option<PathBuf>,
     pub leeway: Option<RawDuration>,
@@ -281,6 +284,16 @@ pub struct JwtIssuerConfig {
     pub algorithms: Vec<Algorithm>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// Find the JWKS through `{issuer}/.well-known/openid-configuration`.
+    pub discovery: bool,
+    /// A JWKS from a URL (or discovery) is fetched again this often.
+    pub jwks_refresh_interval: Duration,
+    /// Shortest time between two fetches caused by tokens naming an
+    /// unknown `kid`: a flood of made-up key ids costs one fetch per
+    /// interval, not one per request.
+    pub jwks_min_refresh_interval: Duration,
+    /// Loopback/private addresses (and plain http) allowed for the issuer's
+    /// URLs: for tests and in-cluster issuers only.
     pub allow_loopback: bool,
     pub hs256_secret_file: Option<PathBuf>,
     pub leeway: Duration,
@@ -333,21 +346,58 @@ impl RawJwtIssuer {
                 "set it exactly when HS256 is among the algorithms",
             ));
         }
-        let asymmetric = algorithms.iter().any(|a| *a != Algorithm::Hs256);
-        if asymmetric && self.jwks_file.is_none() && self.jwks_url.is_none() {
+        let discovery = self.discovery.unwrap_or(false);
+        let allow_loopback = self.allow_loopback.unwrap_or(false);
+        let sources = [self.jwks_file.is_some(), self.jwks_url.is_some(), discovery];
+        if sources.iter().filter(|s| **s).count() > 1 {
             return Err(invalid(
-                format!("{prefix}.jwks_file"),
-                "an asymmetric algorithm needs jwks_file or jwks_url",
+                format!("{prefix}.discovery"),
+                "use one key source: jwks_file, jwks_url or discovery = true",
             ));
         }
+        let asymmetric = algorithms.iter().any(|a| *a != Algorithm::Hs256);
+        if asymmetric && !sources.iter().any(|s| *s) {
+            return Err(invalid(
+                format!("{prefix}.jwks_file"),
+                "an asymmetric algorithm needs jwks_file, jwks_url or discovery = true",
+            ));
+        }
+        // Keys fetched over plain http can be swapped by anyone on the
+        // path; only an issuer explicitly marked as local may use it.
+        let url_ok = |u: &str| u.starts_with("https://") || (allow_loopback && u.starts_with("http://"));
         if let Some(u) = &self.jwks_url
-            && !(u.starts_with("https://") || u.starts_with("http://"))
+            && !url_ok(u)
         {
             return Err(invalid(
                 format!("{prefix}.jwks_url"),
-                format!("{u:?} is not an http(s) URL"),
+                format!("{u:?} is not an https URL (http needs allow_loopback = true)"),
             ));
         }
+        if discovery && !url_ok(&issuer) {
+            return Err(invalid(
+                format!("{prefix}.issuer"),
+                format!("{issuer:?}: discovery needs an https issuer URL (http needs allow_loopback = true)"),
+            ));
+        }
+        let fetched = discovery || self.jwks_url.is_some();
+        if !fetched && (self.jwks_refresh_interval.is_some() || self.jwks_min_refresh_interval.is_some()) {
+            return Err(invalid(
+                format!("{prefix}.jwks_refresh_interval"),
+                "only applies to jwks_url or discovery (a jwks_file is re-read when it changes)",
+            ));
+        }
+        let jwks_refresh_interval = duration(
+            &format!("{prefix}.jwks_refresh_interval"),
+            self.jwks_refresh_interval,
+            Duration::from_secs(3600),
+            (Duration::from_secs(1), Duration::from_secs(7 * 86_400)),
+        )?;
+        let jwks_min_refresh_interval = duration(
+            &format!("{prefix}.jwks_min_refresh_interval"),
+            self.jwks_min_refresh_interval,
+            Duration::from_secs(10),
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        )?;
         let leeway = duration(
             &format!("{prefix}.leeway"),
             self.leeway,
@@ -377,7 +427,10 @@ impl RawJwtIssuer {
             algorithms,
             jwks_file: self.jwks_file,
             jwks_url: self.jwks_url,
-            allow_loopback: self.allow_loopback.unwrap_or(false),
+            discovery,
+            jwks_refresh_interval,
+            jwks_min_refresh_interval,
+            allow_loopback,
             hs256_secret_file: self.hs256_secret_file,
             leeway,
             max_token_bytes,
@@ -433,16 +486,10 @@ pub struct RawRateLimits {
     pub roles: BTreeMap<String, RawPrincipalLimits>,
 }
 
-/// One principal's limits; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PrincipalLimits {
-    pub requests_per_minute: Option<u64>,
-    pub burst: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub max_concurrent: Option<u32>,
-    pub max_tokens: Option<u64>,
-    pub max_n: Option<u32>,
-}
+/// One principal's limits; `None` is unlimited. The same shape as a key's
+/// own limits, so that the two combine field by field
+/// ([`moat_guard::KeyLimits::tightest`]).
+pub type PrincipalLimits = moat_guard::KeyLimits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnRedisError {
@@ -636,6 +683,70 @@ mod tests {
         assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("-1s"), None);
+    }
+
+    fn issuer(toml_text: &str) -> Result<JwtIssuerConfig, String> {
+        let raw: RawJwtIssuer = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        raw.validate("auth.jwt[0]").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn jwt_key_sources_and_refresh_intervals() {
+        let base = "audiences = [\"moat\"]\nalgorithms = [\"ES256\"]\n";
+        let ok = issuer(&format!(
+            "issuer = \"https://idp.example\"\n{base}discovery = true\n"
+        ))
+        .unwrap();
+        assert!(ok.discovery);
+        assert_eq!(ok.jwks_refresh_interval, Duration::from_secs(3600));
+        assert_eq!(ok.jwks_min_refresh_interval, Duration::from_secs(10));
+        let two = issuer(&format!(
+            "issuer = \"https://idp.example\"\n{base}discovery = true\njwks_url = \"https://idp.example/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            two.contains("auth.jwt[0].discovery") && two.contains("one key source"),
+            "{two}"
+        );
+        // Plain http only for an issuer marked local.
+        let http = issuer(&format!(
+            "issuer = \"http://idp.example\"\n{base}discovery = true\n"
+        ))
+        .unwrap_err();
+        assert!(
+            http.contains("auth.jwt[0].issuer") && http.contains("allow_loopback"),
+            "{http}"
+        );
+        assert!(
+            issuer(&format!(
+                "issuer = \"http://127.0.0.1:9\"\n{base}discovery = true\nallow_loopback = true\n"
+            ))
+            .is_ok()
+        );
+        let url = issuer(&format!(
+            "issuer = \"i\"\n{base}jwks_url = \"http://idp.example/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(url.contains("auth.jwt[0].jwks_url"), "{url}");
+        // Refresh intervals only where something is fetched, within range.
+        let file = issuer(&format!(
+            "issuer = \"i\"\n{base}jwks_file = \"/k.json\"\njwks_refresh_interval = \"5m\"\n"
+        ))
+        .unwrap_err();
+        assert!(file.contains("jwks_refresh_interval"), "{file}");
+        let short = issuer(&format!(
+            "issuer = \"https://i.example\"\n{base}discovery = true\njwks_min_refresh_interval = \"10ms\"\n"
+        ))
+        .unwrap_err();
+        assert!(short.contains("auth.jwt[0].jwks_min_refresh_interval"), "{short}");
+        let set = issuer(&format!(
+            "issuer = \"https://i.example\"\n{base}discovery = true\njwks_refresh_interval = \"5m\"\njwks_min_refresh_interval = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (set.jwks_refresh_interval, set.jwks_min_refresh_interval),
+            (Duration::from_secs(300), Duration::from_secs(2))
+        );
     }
 
     #[test]
