@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod access;
+pub mod tracing;
 pub use access::{
     JwtIssuerConfig, Limits, OnRedisError, PlaneAccess, PrincipalLimits, RateLimitConfig, RawAuth, RawLimits,
     RawRateLimits, RawTls,
@@ -51,6 +52,9 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    /// `[tracing]`: OTLP trace export (off unless an endpoint is set).
+    #[serde(default)]
+    pub tracing: tracing::RawTracing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +203,8 @@ pub struct Config {
     /// Client-certificate principal (SAN URI, DNS, e-mail or CN) → role.
     pub mtls_roles: std::collections::BTreeMap<String, moat_guard::Role>,
     pub rate_limits: RateLimitConfig,
+    /// OTLP trace export; `None` when off.
+    pub tracing: Option<tracing::TracingConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -403,7 +409,9 @@ impl RawConfig {
             ));
         }
         let rate_limits = self.rate_limits.validate()?;
+        let tracing = self.tracing.validate()?;
         Ok(Config {
+            tracing,
             inference_access,
             metrics_access,
             limits,

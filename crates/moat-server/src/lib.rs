@@ -13,6 +13,7 @@ pub mod openai;
 pub mod ratelimit;
 pub mod state;
 pub mod tls;
+pub mod trace;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
@@ -464,6 +465,14 @@ pub async fn serve(
     };
     let metrics = metrics::Metrics::new();
     metrics.record_model_loads(&models.reports);
+    let tracer = match &config.tracing {
+        None => None,
+        Some(t) => {
+            let tracer = trace::Tracer::start(t, metrics.trace_spans.clone()).map_err(ServerError::Serve)?;
+            tracing::info!(url = %t.traces_url, sample_ratio = t.sample_ratio, "exporting traces over OTLP/HTTP");
+            Some(Arc::new(tracer))
+        }
+    };
     let engines: BTreeMap<String, Arc<Engine>> = models
         .engines
         .into_iter()
@@ -506,6 +515,7 @@ pub async fn serve(
             draining: stop_rx.clone(),
             deadline: deadline_rx,
         },
+        tracer: tracer.clone(),
     });
     {
         // Forget limiter state that no longer limits anyone.
@@ -569,6 +579,17 @@ pub async fn serve(
         inference.run(state.clone(), stop_rx.clone()),
         metrics_plane.run(state.clone(), stop_rx)
     );
+    // Every request has finished: their spans go to the collector (a dead
+    // one may delay exit by the export timeout, no more).
+    if let Some(t) = &tracer {
+        t.shutdown(
+            config
+                .tracing
+                .as_ref()
+                .map_or(Duration::ZERO, |c| c.export_timeout)
+                + Duration::from_secs(1),
+        );
+    }
     // Every request has finished: the stop record, then everything queued
     // is written before exit (records are never lost on SIGTERM).
     if let Some(log) = &audit {

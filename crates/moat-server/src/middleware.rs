@@ -34,6 +34,8 @@ use moat_guard::{AuthError, Principal};
 use std::sync::Arc;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C Trace Context: a caller's trace, continued by ours.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 fn new_request_id() -> String {
     let mut b = [0u8; 12];
@@ -70,6 +72,7 @@ pub async fn request_context(
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    ctx.start_trace(req.headers().get(&TRACEPARENT).and_then(|v| v.to_str().ok()));
     req.extensions_mut().insert(ctx.clone());
     let mut resp = next.run(req).await;
     ctx.set_status(resp.status().as_u16());
@@ -198,6 +201,9 @@ pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: 
     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
     match state.rate.admit(&principal).await {
         Ok(admission) => {
+            if let Some(ctx) = &ctx {
+                ctx.mark_admitted();
+            }
             if let (Some(ctx), Some(p)) = (&ctx, admission.permit) {
                 ctx.hold_permit(p);
             }

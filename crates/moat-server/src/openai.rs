@@ -326,6 +326,7 @@ async fn complete_response(
         };
         match next {
             Some(Event::Started { queue_wait }) => {
+                ctx.mark_engine_started(queue_wait);
                 state.metrics.observe_queue_wait(engine.name(), queue_wait)
             }
             Some(Event::Delta {
@@ -339,6 +340,7 @@ async fn complete_response(
                 reasoning.push_str(&r);
             }
             Some(Event::Done { finish_reason, usage }) => {
+                ctx.mark_generation_done();
                 ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                 timer.finish(&state.metrics, engine.name());
                 let mut message = json!({"role": "assistant", "content": content});
@@ -421,7 +423,10 @@ fn stream_response(
                 };
                 let Some(ev) = next else { break };
                 match ev {
-                    Event::Started { queue_wait } => state.metrics.observe_queue_wait(&model, queue_wait),
+                    Event::Started { queue_wait } => {
+                        ctx.mark_engine_started(queue_wait);
+                        state.metrics.observe_queue_wait(&model, queue_wait)
+                    }
                     Event::Delta {
                         content,
                         reasoning,
@@ -439,6 +444,7 @@ fn stream_response(
                         }
                     }
                     Event::Done { finish_reason, usage } => {
+                        ctx.mark_generation_done();
                         ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                         timer.finish(&state.metrics, &model);
                         if !send(chunk(json!({}), Some(finish_reason))).await {
