@@ -11,6 +11,7 @@ pub mod middleware;
 pub mod net;
 pub mod openai;
 pub mod ratelimit;
+pub mod reload;
 pub mod state;
 pub mod tls;
 pub mod trace;
@@ -322,27 +323,20 @@ pub struct Bound {
     inference_tls: Option<Arc<Reloadable>>,
     metrics_tls: Option<Arc<Reloadable>>,
     reload: ReloadHandle,
+    reload_rx: reload::Receiver,
     pub inference_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
 
 impl Bound {
-    /// The hook that re-reads the TLS certificates now (the CLI calls it on
-    /// SIGHUP; they are also re-read within a second of a change).
+    /// The hook that reloads keys, certificates and the reloadable
+    /// configuration now (the CLI calls it on SIGHUP; see `reload.rs`).
     pub fn reload_handle(&self) -> ReloadHandle {
         self.reload.clone()
     }
 }
 
-/// Asks the running server to re-read its reloadable files at once.
-#[derive(Clone, Default)]
-pub struct ReloadHandle(Arc<tokio::sync::Notify>);
-
-impl ReloadHandle {
-    pub fn reload(&self) {
-        self.0.notify_waiters();
-    }
-}
+pub use reload::ReloadHandle;
 
 pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
     let listen = |plane, addr| async move {
@@ -364,33 +358,32 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
         l.local_addr()
             .map_err(|source| ServerError::Bind { plane, addr, source })
     };
+    let (reload, reload_rx) = reload::channel();
     Ok(Bound {
+        reload,
+        reload_rx,
         inference_addr: local(&inference, "inference", config.inference_listen)?,
         metrics_addr: local(&metrics, "metrics", config.metrics_listen)?,
         inference,
         metrics,
         inference_tls,
         metrics_tls,
-        reload: ReloadHandle::default(),
     })
 }
 
-/// Re-reads TLS files once a second and at once on [`ReloadHandle::reload`].
-/// A file that fails to load is logged; the previous certificate keeps
-/// serving.
-fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>, reload: ReloadHandle) {
+/// Re-reads changed TLS files once a second (SIGHUP forces it at once, see
+/// `reload.rs`). A file that fails to load is logged; the previous
+/// certificate keeps serving.
+fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>) {
     if tls.is_empty() {
         return;
     }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let force = tokio::select! {
-                _ = tick.tick() => false,
-                _ = reload.0.notified() => true,
-            };
+            tick.tick().await;
             for (plane, r) in &tls {
-                match r.reload_if_changed(force) {
+                match r.reload_if_changed(false) {
                     Ok(true) => tracing::info!(plane, "TLS certificate reloaded"),
                     Ok(false) => {}
                     Err(e) => {
@@ -509,7 +502,7 @@ pub async fn serve(
         jwt: jwt.clone(),
         mtls_roles: config.mtls_roles.clone(),
         request_timeout: config.limits.request_timeout,
-        rate: Arc::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
+        rate: reload::Swappable::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
         default_max_tokens: config.engine.default_max_tokens as u64,
         shutdown: state::Shutdown {
             draining: stop_rx.clone(),
@@ -519,12 +512,12 @@ pub async fn serve(
     });
     {
         // Forget limiter state that no longer limits anyone.
-        let rate = state.rate.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                rate.sweep();
+                state.rate.load().sweep();
             }
         });
     }
@@ -534,18 +527,22 @@ pub async fn serve(
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
     }
+    let tls: Vec<_> = [
+        ("inference", bound.inference_tls.clone()),
+        ("metrics", bound.metrics_tls.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(p, t)| t.map(|t| (p, t)))
+    .collect();
+    reload::Reloader {
+        state: state.clone(),
+        keys: KeyStore::new(config.keys_file.clone()),
+        tls: tls.clone(),
+        running: config.clone(),
+    }
+    .spawn(bound.reload_rx);
     watch_keys(state.clone(), keys);
-
-    watch_tls(
-        [
-            ("inference", bound.inference_tls.clone()),
-            ("metrics", bound.metrics_tls.clone()),
-        ]
-        .into_iter()
-        .filter_map(|(p, t)| t.map(|t| (p, t)))
-        .collect(),
-        bound.reload.clone(),
-    );
+    watch_tls(tls);
     let plane =
         |plane, listener, access: &config::PlaneAccess, tls: Option<Arc<Reloadable>>, router: Router| {
             let secure = tls.is_some();

@@ -199,7 +199,7 @@ pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: 
         return next.run(req).await;
     };
     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
-    match state.rate.admit(&principal).await {
+    match state.rate.load().admit(&principal).await {
         Ok(admission) => {
             if let Some(ctx) = &ctx {
                 ctx.mark_admitted();

@@ -233,7 +233,9 @@ pub async fn chat_completions(
     ctx.set_model(engine.name(), engine.revision());
     // The role's caps, then the token budget: `max_tokens` is the most this
     // request can cost, reserved now and settled when the response ends.
-    let limits = *state.rate.limits_for(&principal);
+    // One limits version for the whole request, even if SIGHUP swaps them.
+    let rate = state.rate.load();
+    let limits = *rate.limits_for(&principal);
     let asked = req
         .max_completion_tokens
         .or(req.max_tokens)
@@ -257,7 +259,7 @@ pub async fn chat_completions(
         ));
     }
     let mut token_headers = None;
-    match state.rate.reserve_tokens(&principal, asked).await {
+    match rate.reserve_tokens(&principal, asked).await {
         Ok(Some(r)) => {
             token_headers = Some((r.limit(), r.remaining()));
             ctx.hold_reservation(r);

@@ -38,7 +38,8 @@ pub struct AppState {
     pub mtls_roles: BTreeMap<String, moat_guard::Role>,
     /// Longest wait for a response head (`limits.request_timeout`).
     pub request_timeout: std::time::Duration,
-    pub rate: Arc<crate::ratelimit::RateLimits>,
+    /// Swapped whole when SIGHUP brings new `[rate_limits]`.
+    pub rate: crate::reload::Swappable<crate::ratelimit::RateLimits>,
     /// `max_tokens` of a request that gives none (`engine.default_max_tokens`).
     pub default_max_tokens: u64,
     /// The shutdown phases: `draining` once SIGTERM arrived (`/ready` says
