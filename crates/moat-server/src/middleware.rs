@@ -68,6 +68,11 @@ pub async fn request_context(
         route,
         plane,
     ));
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
     let client = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
@@ -101,7 +106,22 @@ pub async fn request_context(
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
+    // A refusal can be answered before the request body has arrived; hyper
+    // then closes the connection after the answer (it cannot reuse a
+    // connection with a body still in flight) but says nothing, and a
+    // client that reuses the connection at once sees it vanish under its
+    // next request. Found by bench/soak. Saying `Connection: close` on those
+    // answers makes the close explicit: the client opens a new connection.
+    if has_body && is_early_refusal(resp.status()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
+}
+
+/// Statuses the layers before the handler answer without reading the body.
+fn is_early_refusal(status: axum::http::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 413 | 429 | 503)
 }
 
 /// Which public-route list a plane uses.
