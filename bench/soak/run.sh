@@ -19,6 +19,7 @@ if [ -z "${PYTHON:-}" ] && [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV" && "$VENV/bin/python" -m pip install -q -r "$ROOT/scripts/requirements-test.txt"
 fi
 PY="${PYTHON:-$VENV/bin/python}"
+mkdir -p "$WORK"
 MINUTES="${SOAK_MINUTES:-10}"
 PEAK_SECONDS="${PEAK_SECONDS:-15}"
 FRACTION="${SOAK_FRACTION:-0.8}"
