@@ -251,3 +251,59 @@ impl Reloader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::config::RawConfig;
+
+    fn config(extra: &str) -> Config {
+        let text = format!("home = \"/srv/moat\"\n[[models]]\nname = \"m\"\n{extra}");
+        RawConfig::from_toml(&text, std::path::Path::new("moat.toml"))
+            .unwrap()
+            .validate(None)
+            .unwrap()
+    }
+
+    #[test]
+    fn an_identical_config_changes_nothing() {
+        let a = config("[rate_limits]\nrequests_per_minute = 60\n");
+        let b = config("[rate_limits]\nrequests_per_minute = 60\n");
+        assert_eq!(changed_sections(&a, &b), (vec![], vec![]));
+    }
+
+    #[test]
+    fn rate_limits_are_reloadable_and_the_rest_is_named_as_ignored() {
+        let a = config("[rate_limits]\nrequests_per_minute = 60\n");
+        let b = config(
+            "[rate_limits]\nrequests_per_minute = 30\n[inference]\nlisten = \"0.0.0.0:9000\"\n\
+             [limits]\ndrain_timeout = \"5s\"\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n",
+        );
+        let (reloadable, ignored) = changed_sections(&a, &b);
+        assert_eq!(reloadable, ["rate_limits"]);
+        assert_eq!(ignored, ["inference.listen", "limits", "tracing"]);
+    }
+
+    #[test]
+    fn the_summary_names_each_part() {
+        let r = ReloadReport {
+            applied: vec!["rate_limits".into(), "keys (2 keys)".into()],
+            ignored: vec!["limits".into()],
+            failed: vec!["inference TLS: bad key".into()],
+        };
+        assert_eq!(
+            r.summary(),
+            "applied: rate_limits, keys (2 keys); ignored (restart needed): limits; failed: inference TLS: bad key"
+        );
+        assert_eq!(ReloadReport::default().summary(), "");
+    }
+
+    #[test]
+    fn a_swapped_value_leaves_holders_of_the_old_one_alone() {
+        let s = Swappable::new(1);
+        let held = s.load();
+        s.store(Arc::new(2));
+        assert_eq!((*held, *s.load()), (1, 2));
+    }
+}
