@@ -236,6 +236,9 @@ fn sighup_revokes_a_key_and_swaps_the_certificate_without_dropping_a_stream() {
     let (status, body) = read_response(&mut fresh);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("revoked"), "{body}");
+    // A refusal closes its connection (Connection: close); a new one.
+    let mut fresh = connect(&addr, tls.clone());
+    assert_eq!(peer_cert(&fresh), der2);
     send_chat(&mut fresh, &keep, false, 2);
     let (status, _) = read_response(&mut fresh);
     assert_eq!(status, 200);
