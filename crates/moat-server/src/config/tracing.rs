@@ -68,6 +68,17 @@ impl RawTracing {
                 format!("{endpoint:?} needs a host and no query or fragment"),
             ));
         }
+        // The endpoint is logged at start; credentials in it would be too.
+        if rest
+            .split('/')
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+        {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                "credentials in the URL are not supported (they would be logged); use a local collector",
+            ));
+        }
         let traces_url = if endpoint.ends_with("/v1/traces") {
             endpoint
         } else {
@@ -153,6 +164,10 @@ mod tests {
         for (text, key) in [
             ("otlp_endpoint = \"127.0.0.1:4318\"", "tracing.otlp_endpoint"),
             ("otlp_endpoint = \"http://\"", "tracing.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"https://user:pw@otel.example\"",
+                "tracing.otlp_endpoint",
+            ),
             (
                 "otlp_endpoint = \"http://h\"\nsample_ratio = 1.5",
                 "tracing.sample_ratio",
