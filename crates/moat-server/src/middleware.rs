@@ -119,9 +119,12 @@ pub async fn request_context(
     resp
 }
 
-/// Statuses the layers before the handler answer without reading the body.
+/// Statuses the layers before the handler answer without reading the body
+/// (authentication, authorization, body limit, rate limits). Not 503: an
+/// overloaded engine is refused after the body was read, and closing
+/// connections under overload would add reconnections to the load.
 fn is_early_refusal(status: axum::http::StatusCode) -> bool {
-    matches!(status.as_u16(), 401 | 403 | 413 | 429 | 503)
+    matches!(status.as_u16(), 401 | 403 | 413 | 429)
 }
 
 /// Which public-route list a plane uses.
