@@ -42,6 +42,26 @@ impl Default for EngineOptions {
     }
 }
 
+/// The KV cache of a model's worker, now. The worker runs one request at a
+/// time and empties the cache between requests, so `tokens` is the running
+/// request's prompt plus what it has generated so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheUsage {
+    pub tokens: usize,
+    pub capacity_tokens: usize,
+    pub bytes_per_token: usize,
+}
+
+impl KvCacheUsage {
+    pub fn bytes(&self) -> usize {
+        self.tokens.saturating_mul(self.bytes_per_token)
+    }
+
+    pub fn capacity_bytes(&self) -> usize {
+        self.capacity_tokens.saturating_mul(self.bytes_per_token)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,
@@ -92,6 +112,7 @@ struct Shared {
     template: ChatTemplate,
     think_start: Option<u32>,
     context: usize,
+    kv_bytes_per_token: usize,
 }
 
 struct Job {
@@ -108,6 +129,8 @@ pub struct Engine {
     /// Requests accepted into the queue and not yet taken by the worker
     /// (the running request is not counted).
     queued: Arc<AtomicUsize>,
+    /// Tokens in the worker's KV cache now (the worker writes it).
+    kv_tokens: Arc<AtomicUsize>,
     opts: EngineOptions,
 }
 
@@ -124,13 +147,16 @@ impl Engine {
             think_start,
             think_end,
             context,
+            kv_bytes_per_token,
         } = load(model, opts.max_context)?;
         let shared = Arc::new(Shared {
             tokenizer,
             template,
             think_start,
             context,
+            kv_bytes_per_token,
         });
+        let kv_tokens = Arc::new(AtomicUsize::new(0));
         let (queue, jobs) = sync_channel::<Job>(opts.queue_capacity);
         let queued = Arc::new(AtomicUsize::new(0));
         let taken = queued.clone();
@@ -140,6 +166,7 @@ impl Engine {
             eos_ids,
             think_start,
             think_end,
+            kv_tokens: kv_tokens.clone(),
         };
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
@@ -160,8 +187,19 @@ impl Engine {
             shared,
             queue,
             queued,
+            kv_tokens,
             opts,
         })
+    }
+
+    /// The worker's KV cache: tokens held now against the context it may
+    /// grow to, and the bytes per token.
+    pub fn kv_cache(&self) -> KvCacheUsage {
+        KvCacheUsage {
+            tokens: self.kv_tokens.load(Ordering::Relaxed),
+            capacity_tokens: self.shared.context,
+            bytes_per_token: self.shared.kv_bytes_per_token,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -341,6 +379,7 @@ struct Worker {
     eos_ids: Vec<u32>,
     think_start: Option<u32>,
     think_end: Option<u32>,
+    kv_tokens: Arc<AtomicUsize>,
 }
 
 /// The receiver is gone: the client disconnected.
@@ -381,7 +420,13 @@ impl Worker {
             tracing::info!("request dropped while queued: the client went away");
             return;
         }
-        match self.generate(&job.req, &job.tx) {
+        let result = self.generate(&job.req, &job.tx);
+        // Free the cache between requests (it would otherwise hold the last
+        // request's tensors until the next one starts), so the KV-cache
+        // gauge reads what is really held.
+        self.model.clear_kv_cache();
+        self.kv_tokens.store(0, Ordering::Relaxed);
+        match result {
             Ok(Ok(())) => {}
             Ok(Err(Cancelled)) => tracing::info!("generation cancelled: the client went away"),
             Err(e) => {
@@ -422,6 +467,7 @@ impl Worker {
             }
             let logits = self.logits(&input, offset)?;
             offset += input.len();
+            self.kv_tokens.store(offset, Ordering::Relaxed);
             let tok = sampler.sample(&logits);
             generated += 1;
             input = vec![tok];

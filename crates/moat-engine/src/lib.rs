@@ -20,5 +20,5 @@ pub mod stop;
 pub mod template;
 
 pub use error::EngineError;
-pub use generate::{Engine, Event, FinishReason, Usage};
+pub use generate::{Engine, Event, FinishReason, KvCacheUsage, Usage};
 pub use request::{ChatMessage, ChatRequest, ValidRequest};

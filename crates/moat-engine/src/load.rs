@@ -21,6 +21,9 @@ pub struct Loaded {
     pub think_start: Option<u32>,
     pub think_end: Option<u32>,
     pub context: usize,
+    /// Bytes one token takes in the KV cache: keys and values, every
+    /// layer, every KV head, at the F32 the weights are loaded as.
+    pub kv_bytes_per_token: usize,
 }
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -184,7 +187,11 @@ pub fn load(mut model: VerifiedModel, max_context: usize) -> Result<Loaded, Engi
     let lm = qwen2::ModelForCausalLM::new(&cfg, vb)
         .map_err(|e| err(&model, format!("weights do not match config.json: {e}")))?;
     let context = cfg.max_position_embeddings.min(max_context);
+    let head_dim = cfg.hidden_size / cfg.num_attention_heads.max(1);
+    let kv_bytes_per_token =
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * DType::F32.size_in_bytes();
     Ok(Loaded {
+        kv_bytes_per_token,
         model: lm,
         tokenizer,
         template,

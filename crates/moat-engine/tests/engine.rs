@@ -199,3 +199,50 @@ fn queue_depth_and_wait_are_reported() {
     assert!(w2 > w1, "w1 {w1:?} w2 {w2:?}");
     assert_eq!(engine.queue_depth(), 0);
 }
+
+#[test]
+fn kv_cache_use_is_reported_while_generating_and_freed_after() {
+    let (t, engine) = engine(|_| {}, EngineOptions::default());
+    // The expected size from config.json, independently of the engine:
+    // keys and values, every layer and KV head, f32.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("src/config.json")).unwrap()).unwrap();
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let per_token = 2
+        * n("num_hidden_layers")
+        * n("num_key_value_heads")
+        * (n("hidden_size") / n("num_attention_heads"))
+        * 4;
+    let idle = engine.kv_cache();
+    assert_eq!(idle.tokens, 0);
+    assert_eq!(idle.bytes_per_token, per_token);
+    assert_eq!(idle.capacity_tokens, engine.context_length());
+    assert_eq!(idle.capacity_bytes(), engine.context_length() * per_token);
+    let valid = engine.validate(request(40)).unwrap();
+    let prompt = valid.prompt_tokens();
+    let mut rx = engine.submit(valid).unwrap();
+    let mut seen = 0;
+    loop {
+        match rx.blocking_recv().unwrap() {
+            Event::Delta { .. } if seen == 0 => {
+                // The prompt is in the cache once the first token exists.
+                seen = engine.kv_cache().tokens;
+                assert!(
+                    (prompt..=prompt + 40).contains(&seen),
+                    "{seen} vs prompt {prompt}"
+                );
+                assert_eq!(engine.kv_cache().bytes(), engine.kv_cache().tokens * per_token);
+            }
+            Event::Done { .. } => break,
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    assert!(seen > 0);
+    // The worker empties the cache once the request is over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while engine.kv_cache().tokens != 0 {
+        assert!(std::time::Instant::now() < deadline, "the cache was not freed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 pub mod access;
 pub mod management;
+pub mod tracing;
 pub use access::{
     JwtIssuerConfig, Limits, OnRedisError, PlaneAccess, PrincipalLimits, RateLimitConfig, RawAuth, RawLimits,
     RawRateLimits, RawTls,
@@ -58,6 +59,9 @@ pub struct RawConfig {
     /// `[rbac.roles.NAME]`: each role's permissions and TOTP step-up.
     #[serde(default)]
     pub rbac: RawRbac,
+    /// `[tracing]`: OTLP trace export (off unless an endpoint is set).
+    #[serde(default)]
+    pub tracing: tracing::RawTracing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +213,8 @@ pub struct Config {
     /// The management plane, when `[management]` is configured.
     pub management: Option<ManagementConfig>,
     pub rbac: moat_guard::Rbac,
+    /// OTLP trace export; `None` when off.
+    pub tracing: Option<tracing::TracingConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -428,9 +434,11 @@ impl RawConfig {
             ));
         }
         let rate_limits = self.rate_limits.validate()?;
+        let tracing = self.tracing.validate()?;
         Ok(Config {
             management,
             rbac,
+            tracing,
             inference_access,
             metrics_access,
             limits,

@@ -12,8 +12,10 @@ pub mod middleware;
 pub mod net;
 pub mod openai;
 pub mod ratelimit;
+pub mod reload;
 pub mod state;
 pub mod tls;
+pub mod trace;
 
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
@@ -349,28 +351,21 @@ pub struct Bound {
     /// The management plane's listener and TLS, when `[management]` is set.
     management: Option<(tokio::net::TcpListener, Option<Arc<Reloadable>>)>,
     reload: ReloadHandle,
+    reload_rx: reload::Receiver,
     pub inference_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub management_addr: Option<SocketAddr>,
 }
 
 impl Bound {
-    /// The hook that re-reads the TLS certificates now (the CLI calls it on
-    /// SIGHUP; they are also re-read within a second of a change).
+    /// The hook that reloads keys, certificates and the reloadable
+    /// configuration now (the CLI calls it on SIGHUP; see `reload.rs`).
     pub fn reload_handle(&self) -> ReloadHandle {
         self.reload.clone()
     }
 }
 
-/// Asks the running server to re-read its reloadable files at once.
-#[derive(Clone, Default)]
-pub struct ReloadHandle(Arc<tokio::sync::Notify>);
-
-impl ReloadHandle {
-    pub fn reload(&self) {
-        self.0.notify_waiters();
-    }
-}
+pub use reload::ReloadHandle;
 
 pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
     let listen = |plane, addr| async move {
@@ -401,35 +396,34 @@ pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
             (Some((l, t)), Some(addr))
         }
     };
+    let (reload, reload_rx) = reload::channel();
     Ok(Bound {
         management,
         management_addr,
+        reload,
+        reload_rx,
         inference_addr: local(&inference, "inference", config.inference_listen)?,
         metrics_addr: local(&metrics, "metrics", config.metrics_listen)?,
         inference,
         metrics,
         inference_tls,
         metrics_tls,
-        reload: ReloadHandle::default(),
     })
 }
 
-/// Re-reads TLS files once a second and at once on [`ReloadHandle::reload`].
-/// A file that fails to load is logged; the previous certificate keeps
-/// serving.
-fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>, reload: ReloadHandle) {
+/// Re-reads changed TLS files once a second (SIGHUP forces it at once, see
+/// `reload.rs`). A file that fails to load is logged; the previous
+/// certificate keeps serving.
+fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>) {
     if tls.is_empty() {
         return;
     }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let force = tokio::select! {
-                _ = tick.tick() => false,
-                _ = reload.0.notified() => true,
-            };
+            tick.tick().await;
             for (plane, r) in &tls {
-                match r.reload_if_changed(force) {
+                match r.reload_if_changed(false) {
                     Ok(true) => tracing::info!(plane, "TLS certificate reloaded"),
                     Ok(false) => {}
                     Err(e) => {
@@ -504,6 +498,14 @@ pub async fn serve(
     };
     let metrics = metrics::Metrics::new();
     metrics.record_model_loads(&models.reports);
+    let tracer = match &config.tracing {
+        None => None,
+        Some(t) => {
+            let tracer = trace::Tracer::start(t, metrics.trace_spans.clone()).map_err(ServerError::Serve)?;
+            tracing::info!(url = %t.traces_url, sample_ratio = t.sample_ratio, "exporting traces over OTLP/HTTP");
+            Some(Arc::new(tracer))
+        }
+    };
     let engines: BTreeMap<String, Arc<Engine>> = models
         .engines
         .into_iter()
@@ -541,22 +543,23 @@ pub async fn serve(
         jwt: jwt.clone(),
         mtls_roles: config.mtls_roles.clone(),
         request_timeout: config.limits.request_timeout,
-        rate: Arc::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
+        rate: reload::Swappable::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
         default_max_tokens: config.engine.default_max_tokens as u64,
         shutdown: state::Shutdown {
             draining: stop_rx.clone(),
             deadline: deadline_rx,
         },
+        tracer: tracer.clone(),
     });
     state.set_keys(key_records);
     {
         // Forget limiter state that no longer limits anyone.
-        let rate = state.rate.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                rate.sweep();
+                state.rate.load().sweep();
             }
         });
     }
@@ -566,19 +569,23 @@ pub async fn serve(
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
     }
+    let tls: Vec<_> = [
+        ("inference", bound.inference_tls.clone()),
+        ("metrics", bound.metrics_tls.clone()),
+        ("management", bound.management.as_ref().and_then(|m| m.1.clone())),
+    ]
+    .into_iter()
+    .filter_map(|(p, t)| t.map(|t| (p, t)))
+    .collect();
+    reload::Reloader {
+        state: state.clone(),
+        keys: KeyStore::new(config.keys_file.clone()),
+        tls: tls.clone(),
+        running: config.clone(),
+    }
+    .spawn(bound.reload_rx);
     watch_keys(state.clone(), keys);
-
-    watch_tls(
-        [
-            ("inference", bound.inference_tls.clone()),
-            ("metrics", bound.metrics_tls.clone()),
-            ("management", bound.management.as_ref().and_then(|m| m.1.clone())),
-        ]
-        .into_iter()
-        .filter_map(|(p, t)| t.map(|t| (p, t)))
-        .collect(),
-        bound.reload.clone(),
-    );
+    watch_tls(tls);
     let plane =
         |plane, listener, access: &config::PlaneAccess, tls: Option<Arc<Reloadable>>, router: Router| {
             let secure = tls.is_some();
@@ -638,6 +645,17 @@ pub async fn serve(
         metrics_plane.run(state.clone(), stop_rx),
         management_run
     );
+    // Every request has finished: their spans go to the collector (a dead
+    // one may delay exit by the export timeout, no more).
+    if let Some(t) = &tracer {
+        t.shutdown(
+            config
+                .tracing
+                .as_ref()
+                .map_or(Duration::ZERO, |c| c.export_timeout)
+                + Duration::from_secs(1),
+        );
+    }
     // Every request has finished: the stop record, then everything queued
     // is written before exit (records are never lost on SIGTERM).
     if let Some(log) = &audit {

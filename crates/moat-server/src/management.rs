@@ -761,9 +761,9 @@ async fn create_key(
         role,
         models: req.models.clone(),
         expires: ttl.map(|t| now.saturating_add(t)),
-        limits: m.app.rate.role_limits(role).tightest(&own_limits),
+        limits: m.app.rate.load().role_limits(role).tightest(&own_limits),
     };
-    let creator = Grants::of(&principal, m.app.rate.limits_for(&principal));
+    let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
     grants_within(&m.app.rbac, &creator, &requested).map_err(|e| escalation(ctx.as_ref(), &e))?;
     let keys = m.keys.clone();
     let models = req.models.unwrap_or_default();
@@ -799,7 +799,7 @@ async fn revoke_key(
     // Revoking is a power over the key: only over keys whose grants the
     // caller could have created (a scoped user cannot cut off an admin).
     if target.id != principal.key_id {
-        let role_limits = m.app.rate.role_limits(target.role);
+        let role_limits = m.app.rate.load().role_limits(target.role);
         let grants = Grants {
             role: target.role,
             models: (!target.models.is_empty()).then(|| target.models.clone()),
@@ -809,7 +809,7 @@ async fn revoke_key(
                 .as_ref()
                 .map_or(role_limits, |l| role_limits.tightest(l)),
         };
-        let creator = Grants::of(&principal, m.app.rate.limits_for(&principal));
+        let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
         grants_within(&m.app.rbac, &creator, &grants).map_err(|e| escalation(ctx.as_ref(), &e))?;
     }
     let keys = m.keys.clone();

@@ -209,6 +209,13 @@ pub struct Metrics {
     /// Audit records that could not be written (fail-open) or that turned a
     /// request into a 503 (fail-closed).
     pub audit_failures: Counter,
+    /// OTLP trace export outcomes (see `trace/export.rs`).
+    pub trace_spans: crate::trace::export::Counters,
+    /// Engine KV cache: tokens held now, and the most it may hold, by model.
+    pub kv_cache_tokens: Family<ModelLabels, Gauge>,
+    pub kv_cache_capacity_tokens: Family<ModelLabels, Gauge>,
+    pub kv_cache_bytes: Family<ModelLabels, Gauge>,
+    pub kv_cache_capacity_bytes: Family<ModelLabels, Gauge>,
 }
 
 /// Latency buckets from 1 ms to 60 s: request-path overhead at the bottom,
@@ -282,6 +289,11 @@ impl Metrics {
             models_loaded: Gauge::default(),
             models_refused: Gauge::default(),
             audit_failures: Counter::default(),
+            trace_spans: crate::trace::export::Counters::default(),
+            kv_cache_tokens: Family::default(),
+            kv_cache_capacity_tokens: Family::default(),
+            kv_cache_bytes: Family::default(),
+            kv_cache_capacity_bytes: Family::default(),
         };
         let r = root.sub_registry_with_prefix("moat");
         r.register(
@@ -369,6 +381,36 @@ impl Metrics {
             "audit_write_failures",
             "Audit records that could not be written durably",
             m.audit_failures.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Trace spans the OTLP collector accepted",
+            m.trace_spans.exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Trace spans dropped: export queue full or the collector unreachable or refusing",
+            m.trace_spans.dropped.clone(),
+        );
+        r.register(
+            "engine_kv_cache_tokens",
+            "Tokens held in the model's KV cache now (prompt and generated tokens of the running request), by model",
+            m.kv_cache_tokens.clone(),
+        );
+        r.register(
+            "engine_kv_cache_capacity_tokens",
+            "Tokens the model's KV cache may hold (engine.max_context, or the model's own context if smaller), by model",
+            m.kv_cache_capacity_tokens.clone(),
+        );
+        r.register(
+            "engine_kv_cache_bytes",
+            "Bytes of KV-cache tensors held now (keys and values, every layer), by model",
+            m.kv_cache_bytes.clone(),
+        );
+        r.register(
+            "engine_kv_cache_capacity_bytes",
+            "Bytes the model's KV cache takes when full, by model",
+            m.kv_cache_capacity_bytes.clone(),
         );
         Self { registry: root, ..m }
     }
@@ -459,6 +501,14 @@ impl Metrics {
             self.queue_capacity
                 .get_or_create(&l)
                 .set(i64::try_from(e.queue_capacity()).unwrap_or(i64::MAX));
+            let kv = e.kv_cache();
+            let gauge = |f: &Family<ModelLabels, Gauge>, v: usize| {
+                f.get_or_create(&l).set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            gauge(&self.kv_cache_tokens, kv.tokens);
+            gauge(&self.kv_cache_capacity_tokens, kv.capacity_tokens);
+            gauge(&self.kv_cache_bytes, kv.bytes());
+            gauge(&self.kv_cache_capacity_bytes, kv.capacity_bytes());
         }
     }
 

@@ -36,6 +36,8 @@ use moat_guard::{AuthError, Permission, Principal};
 use std::sync::Arc;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C Trace Context: a caller's trace, continued by ours.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 fn new_request_id() -> String {
     let mut b = [0u8; 12];
@@ -68,10 +70,16 @@ pub async fn request_context(
         route,
         plane,
     ));
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
     let client = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    ctx.start_trace(req.headers().get(&TRACEPARENT).and_then(|v| v.to_str().ok()));
     req.extensions_mut().insert(ctx.clone());
     let mut resp = next.run(req).await;
     ctx.set_status(resp.status().as_u16());
@@ -100,7 +108,25 @@ pub async fn request_context(
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
+    // A refusal can be answered before the request body has arrived; hyper
+    // then closes the connection after the answer (it cannot reuse a
+    // connection with a body still in flight) but says nothing, and a
+    // client that reuses the connection at once sees it vanish under its
+    // next request. Found by bench/soak. Saying `Connection: close` on those
+    // answers makes the close explicit: the client opens a new connection.
+    if has_body && is_early_refusal(resp.status()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
+}
+
+/// Statuses the layers before the handler answer without reading the body
+/// (authentication, authorization, body limit, rate limits). Not 503: an
+/// overloaded engine is refused after the body was read, and closing
+/// connections under overload would add reconnections to the load.
+fn is_early_refusal(status: axum::http::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 413 | 429)
 }
 
 /// Which public-route list a plane uses.
@@ -201,8 +227,11 @@ pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: 
     };
     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
     let global = ctx.as_ref().is_none_or(|c| c.plane() == Plane::Inference);
-    match state.rate.admit(&principal, global).await {
+    match state.rate.load().admit(&principal, global).await {
         Ok(admission) => {
+            if let Some(ctx) = &ctx {
+                ctx.mark_admitted();
+            }
             if let (Some(ctx), Some(p)) = (&ctx, admission.permit) {
                 ctx.hold_permit(p);
             }

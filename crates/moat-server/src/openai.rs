@@ -230,7 +230,9 @@ pub async fn chat_completions(
     ctx.set_model(engine.name(), engine.revision());
     // The role's caps, then the token budget: `max_tokens` is the most this
     // request can cost, reserved now and settled when the response ends.
-    let limits = state.rate.limits_for(&principal);
+    // One limits version for the whole request, even if SIGHUP swaps them.
+    let rate = state.rate.load();
+    let limits = rate.limits_for(&principal);
     let asked = req
         .max_completion_tokens
         .or(req.max_tokens)
@@ -256,7 +258,7 @@ pub async fn chat_completions(
         ));
     }
     let mut token_headers = None;
-    match state.rate.reserve_tokens(&principal, asked).await {
+    match rate.reserve_tokens(&principal, asked).await {
         Ok(Some(r)) => {
             token_headers = Some((r.limit(), r.remaining()));
             ctx.hold_reservation(r);
@@ -325,6 +327,7 @@ async fn complete_response(
         };
         match next {
             Some(Event::Started { queue_wait }) => {
+                ctx.mark_engine_started(queue_wait);
                 state.metrics.observe_queue_wait(engine.name(), queue_wait)
             }
             Some(Event::Delta {
@@ -338,6 +341,7 @@ async fn complete_response(
                 reasoning.push_str(&r);
             }
             Some(Event::Done { finish_reason, usage }) => {
+                ctx.mark_generation_done();
                 ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                 timer.finish(&state.metrics, engine.name());
                 let mut message = json!({"role": "assistant", "content": content});
@@ -423,7 +427,10 @@ fn stream_response(
                 };
                 let Some(ev) = next else { break };
                 match ev {
-                    Event::Started { queue_wait } => state.metrics.observe_queue_wait(&model, queue_wait),
+                    Event::Started { queue_wait } => {
+                        ctx.mark_engine_started(queue_wait);
+                        state.metrics.observe_queue_wait(&model, queue_wait)
+                    }
                     Event::Delta {
                         content,
                         reasoning,
@@ -441,6 +448,7 @@ fn stream_response(
                         }
                     }
                     Event::Done { finish_reason, usage } => {
+                        ctx.mark_generation_done();
                         ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                         timer.finish(&state.metrics, &model);
                         if !send(chunk(json!({}), Some(finish_reason))).await {

@@ -177,6 +177,13 @@ impl RateLimits {
         *self.key_limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
     }
 
+    /// Takes over another instance's key limits (when SIGHUP replaces the
+    /// role limits, the keys' own stay in force).
+    pub fn inherit_key_limits(&self, from: &RateLimits) {
+        let theirs = from.key_limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        *self.key_limits.write().unwrap_or_else(|e| e.into_inner()) = theirs;
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }

@@ -47,13 +47,16 @@ pub struct AppState {
     pub mtls_roles: BTreeMap<String, moat_guard::Role>,
     /// Longest wait for a response head (`limits.request_timeout`).
     pub request_timeout: std::time::Duration,
-    pub rate: Arc<crate::ratelimit::RateLimits>,
+    /// Swapped whole when SIGHUP brings new `[rate_limits]`.
+    pub rate: crate::reload::Swappable<crate::ratelimit::RateLimits>,
     /// `max_tokens` of a request that gives none (`engine.default_max_tokens`).
     pub default_max_tokens: u64,
     /// The shutdown phases: `draining` once SIGTERM arrived (`/ready` says
     /// false, listeners stop accepting), `deadline` once `limits.drain_timeout`
     /// has passed (streams end with a `shutting_down` error).
     pub shutdown: Shutdown,
+    /// OTLP trace export (`[tracing]`), when configured.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Shutdown phases, observable by handlers.
@@ -116,7 +119,7 @@ impl AppState {
     /// Installs the keys file's records: the keyring that authenticates
     /// and the per-key limits the rate limiter applies, from one read.
     pub fn set_keys(&self, records: Vec<moat_guard::keys::KeyRecord>) {
-        self.rate.set_key_limits(&records);
+        self.rate.load().set_key_limits(&records);
         self.set_keyring(Keyring::new(records));
     }
 
@@ -147,6 +150,8 @@ struct Fields {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Tokens reserved at admission, settled against the real usage.
     reservation: Option<crate::ratelimit::TokenReservation>,
+    /// The request's trace, when sampled; becomes spans at the end.
+    trace: Option<crate::trace::RequestTrace>,
 }
 
 pub struct RequestContext {
@@ -205,6 +210,34 @@ impl RequestContext {
     /// When the first layer saw the request.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Starts this request's trace (when tracing is on and the request is
+    /// sampled), continuing the caller's `traceparent` if valid.
+    pub fn start_trace(&self, traceparent: Option<&str>) {
+        if let Some(tracer) = &self.state.tracer {
+            let t = tracer.begin(self.started, traceparent);
+            self.with(|f| f.trace = t);
+        }
+    }
+
+    fn trace(&self, mark: impl FnOnce(&mut crate::trace::RequestTrace)) {
+        self.with(|f| f.trace.as_mut().map(mark));
+    }
+
+    /// Authentication and rate limits let the request through.
+    pub fn mark_admitted(&self) {
+        self.trace(|t| t.mark_admitted());
+    }
+
+    /// The worker took the request after `queue_wait` in its queue.
+    pub fn mark_engine_started(&self, queue_wait: std::time::Duration) {
+        self.trace(|t| t.mark_engine_started(queue_wait));
+    }
+
+    /// The engine finished generating (before the last byte is sent).
+    pub fn mark_generation_done(&self) {
+        self.trace(|t| t.mark_done());
     }
 
     pub fn set_rejection(&self, r: Rejection) {
@@ -297,8 +330,14 @@ impl RequestContext {
     pub fn set_error(&self, code: &str) {
         self.with(|f| f.error = Some(code.to_owned()));
     }
+    /// Called on every generated delta; the first one ends prefill.
     pub fn set_completion_tokens(&self, completion: usize) {
-        self.with(|f| f.completion_tokens = completion as u64);
+        self.with(|f| {
+            f.completion_tokens = completion as u64;
+            if let Some(t) = f.trace.as_mut() {
+                t.mark_first_token();
+            }
+        });
     }
     pub fn set_tokens(&self, prompt: usize, completion: usize) {
         self.with(|f| {
@@ -349,6 +388,28 @@ impl Drop for RequestContext {
             let l = ModelLabels { model: model.clone() };
             m.prompt_tokens.get_or_create(&l).inc_by(f.prompt_tokens);
             m.completion_tokens.get_or_create(&l).inc_by(f.completion_tokens);
+        }
+        if let (Some(t), Some(tracer)) = (f.trace.take(), &self.state.tracer) {
+            let rejection = f
+                .rejection
+                .or_else(|| Rejection::from_response(f.status, f.error.as_deref()));
+            let spans = t.finish(
+                Instant::now(),
+                &crate::trace::RequestSummary {
+                    request_id: &self.request_id,
+                    plane: self.plane.as_str(),
+                    method: &self.method,
+                    route: &f.route,
+                    status: f.status,
+                    principal: f.key_id.as_deref(),
+                    model: f.model.as_deref(),
+                    prompt_tokens: f.prompt_tokens,
+                    completion_tokens: f.completion_tokens,
+                    error: f.error.as_deref(),
+                    rejection: rejection.as_ref().map(|r| (r.stage, r.reason)),
+                },
+            );
+            tracer.export(spans);
         }
         let rec = RequestRecord {
             time: now_rfc3339(),

@@ -143,7 +143,7 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ServeArgs {
     /// Configuration file (TOML; see docs/config.md).
     #[arg(long, value_name = "FILE")]
@@ -722,13 +722,26 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    run_server(&config, |_, _| {})
+    // SIGHUP re-reads the file with the same flags applied.
+    let reread = args.config.clone().map(|path| {
+        let args = args.clone();
+        Box::new(move || {
+            RawConfig::read(&path)
+                .and_then(|raw| load_serve_config(&args, raw))
+                .map_err(|e| e.to_string())
+        }) as ConfigSource
+    });
+    run_server(&config, reread, |_, _| {})
 }
+
+/// Re-reads and validates the configuration file (on SIGHUP).
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Load models, bind, call `on_bound` with the real addresses, serve until
 /// SIGINT/SIGTERM.
 pub fn run_server(
     config: &Config,
+    reread: Option<ConfigSource>,
     on_bound: impl FnOnce(std::net::SocketAddr, std::net::SocketAddr),
 ) -> Result<ExitCode> {
     let models = moat_server::load_models(config)?;
@@ -736,14 +749,23 @@ pub fn run_server(
     rt.block_on(async {
         let bound = moat_server::bind(config).await?;
         on_bound(bound.inference_addr, bound.metrics_addr);
-        // SIGHUP re-reads TLS certificates at once (they, the keys file
+        // SIGHUP re-reads the keys file, the TLS certificates and the
+        // configuration's reloadable sections at once (keys, certificates
         // and JWKS files are also re-read within a second of changing).
         let reload = bound.reload_handle();
         if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading TLS certificates");
-                    reload.reload();
+                    tracing::info!("SIGHUP: reloading keys, TLS certificates and configuration");
+                    match &reread {
+                        None => reload.reload(),
+                        Some(read) => {
+                            let read = read.as_ref();
+                            // A file read: off the async workers.
+                            let config = tokio::task::block_in_place(read);
+                            reload.reload_config("signal:SIGHUP", config);
+                        }
+                    }
                 }
             });
         }

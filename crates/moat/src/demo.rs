@@ -55,7 +55,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(e) => bail!("{e}"),
     };
-    run_server(&config, |inference, metrics| {
+    run_server(&config, None, |inference, metrics| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
