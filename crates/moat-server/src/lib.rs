@@ -31,7 +31,7 @@ use moat_artifact::Store;
 use moat_audit::{
     AuditKeys, AuditLog, AuditOptions, AuditRecord, FileSink, Outcome, RequestLog, WriterSink, action,
 };
-use moat_engine::Engine;
+use moat_engine::{Backend, Engine};
 use moat_guard::keys::KeyStore;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -70,7 +70,7 @@ pub enum ServerError {
 
 /// Models that loaded, and those refused with the reason.
 pub struct LoadedModels {
-    pub engines: Vec<Engine>,
+    pub engines: Vec<Backend>,
     pub refused: Vec<(String, String)>,
     /// How each model's load went, stage by stage, for the metrics.
     pub reports: Vec<ModelLoadReport>,
@@ -89,6 +89,25 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     let mut reports = Vec::new();
     for model in &config.models {
         let name = &model.name;
+        if let config::ModelBackend::Upstream(pool) = &model.backend {
+            // Nothing local to verify: the pool is built now (no I/O) and
+            // its health checks start with the runtime.
+            let mut report = ModelLoadReport::new(name.as_str());
+            let result = moat_engine::upstream::UpstreamPool::new((**pool).clone());
+            report.loaded = result.is_ok();
+            reports.push(report);
+            match result {
+                Ok(p) => {
+                    tracing::info!(model = %name, upstreams = pool.upstreams.len(), "model served by upstreams");
+                    engines.push(Backend::Upstream(Arc::new(p)));
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, reason = %e, "refusing model");
+                    refused.push((name.to_string(), e.to_string()));
+                }
+            }
+            continue;
+        }
         let started = std::time::Instant::now();
         let mut report = ModelLoadReport::new(name.as_str());
         // The active version's folder, as `models/NAME/current` names it now.
@@ -132,7 +151,7 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "model verified and loaded"
                 );
-                engines.push(engine);
+                engines.push(Backend::Embedded(engine));
             }
             Err(reason) => {
                 tracing::error!(model = %name, %reason, "refusing model");
@@ -464,11 +483,18 @@ pub async fn serve(
     };
     let metrics = metrics::Metrics::new();
     metrics.record_model_loads(&models.reports);
-    let engines: BTreeMap<String, Arc<Engine>> = models
+    let engines: BTreeMap<String, Arc<Backend>> = models
         .engines
         .into_iter()
         .map(|e| (e.name().to_owned(), Arc::new(e)))
         .collect();
+    let upstream_metrics = Arc::new(metrics.upstream_observer());
+    for backend in engines.values() {
+        if let Backend::Upstream(pool) = &**backend {
+            pool.set_observer(upstream_metrics.clone());
+            pool.start_health_checks();
+        }
+    }
     // Shutdown: SIGTERM starts draining (no new connections, /ready false);
     // `limits.drain_timeout` later, requests still running are ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

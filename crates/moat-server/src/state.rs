@@ -10,14 +10,14 @@
 
 use crate::metrics::{Metrics, ModelLabels, Plane, PlaneLabels, Rejection, RequestLabels};
 use moat_audit::{AuditLog, AuditRecord, Outcome, RequestLog, RequestRecord, action, now_rfc3339};
-use moat_engine::Engine;
+use moat_engine::Backend;
 use moat_guard::Keyring;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 pub struct AppState {
-    pub engines: BTreeMap<String, Arc<Engine>>,
+    pub engines: BTreeMap<String, Arc<Backend>>,
     /// Models configured but refused at load, with the reason.
     pub refused: Vec<(String, String)>,
     /// Unix time the models were loaded (the `created` of `/v1/models`).
