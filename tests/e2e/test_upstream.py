@@ -52,8 +52,15 @@ class Fake:
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
 
     def _drain(self, proc):
-        for line in proc.stdout:
-            self.requests.append(json.loads(line))
+        # A SIGKILL can cut the last line short, or close the pipe under us.
+        try:
+            for line in proc.stdout:
+                try:
+                    self.requests.append(json.loads(line))
+                except ValueError:
+                    pass
+        except (OSError, ValueError):
+            pass
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
