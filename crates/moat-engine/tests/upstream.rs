@@ -45,6 +45,8 @@ struct FakeState {
     healthy: std::sync::atomic::AtomicBool,
     chats: AtomicUsize,
     health_checks: AtomicUsize,
+    /// Streams whose reader went away before the end.
+    abandoned: AtomicUsize,
     /// Required `Authorization` header value, if any.
     token: Option<String>,
     /// Last request body seen.
@@ -119,6 +121,7 @@ async fn handle(state: Arc<FakeState>, req: Request<Incoming>) -> Result<Respons
         }
         Mode::Ok { first_delay, gap } => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+            let st = state.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(first_delay).await;
                 let role =
@@ -128,9 +131,21 @@ async fn handle(state: Arc<FakeState>, req: Request<Incoming>) -> Result<Respons
                     .await;
                 for (i, w) in ["a", " b", " c"].iter().enumerate() {
                     if i > 0 {
-                        tokio::time::sleep(gap).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(gap) => {}
+                            // hyper dropped the body: the client closed
+                            // the connection.
+                            () = tx.closed() => {
+                                st.abandoned.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
                     }
-                    let _ = tx.send(Ok(Frame::data(chunk(w, None)))).await;
+                    if tx.send(Ok(Frame::data(chunk(w, None)))).await.is_err() {
+                        // hyper dropped the body: the connection is gone.
+                        st.abandoned.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                 }
                 let _ = tx.send(Ok(Frame::data(chunk("", Some("stop"))))).await;
                 let usage = serde_json::json!({"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}});
@@ -174,6 +189,7 @@ impl Fake {
             healthy: true.into(),
             chats: AtomicUsize::new(0),
             health_checks: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
             token: token.map(|t| format!("Bearer {t}")),
             last_body: Mutex::new(None),
         });
@@ -460,6 +476,31 @@ async fn stream_is_relayed_chunk_by_chunk() {
     let body = a.state.last_body.lock().unwrap().clone().unwrap();
     assert_eq!(body["model"], "up-model");
     assert_eq!(body["stream_options"]["include_usage"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_closes_the_upstream_stream() {
+    let a = Fake::start(
+        Mode::Ok {
+            first_delay: Duration::ZERO,
+            gap: Duration::from_secs(5),
+        },
+        None,
+    )
+    .await;
+    let (p, _) = pool(&[&a], |_| {});
+    let mut rx = p.submit(&request(), true).await.unwrap();
+    assert!(matches!(rx.recv().await, Some(Event::Delta { .. })));
+    assert_eq!(p.status()[0].pending, 1);
+    drop(rx);
+    // The relay notices at once (not at the next chunk), drops the body
+    // and so the connection; the upstream's next write fails.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while a.state.abandoned.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the upstream kept streaming to nobody");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.status()[0].pending, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -574,7 +574,13 @@ impl UpstreamPool {
                 if relay.state.done {
                     return;
                 }
-                match relay.next().await {
+                let next = tokio::select! {
+                    next = relay.next() => next,
+                    // The client left while the upstream was quiet: stop
+                    // now rather than at the next chunk.
+                    () = tx.closed() => return,
+                };
+                match next {
                     Ok(_) => {}
                     Err((outcome, message)) => {
                         if let Some(o) = &observer {

@@ -225,6 +225,8 @@ pub(crate) struct SseParser {
     buf: Vec<u8>,
     /// Where the next search for an event end starts.
     scanned: usize,
+    /// One event's joined `data:` lines; kept to reuse its allocation.
+    data: Vec<u8>,
 }
 
 impl SseParser {
@@ -236,7 +238,7 @@ impl SseParser {
     ) -> Result<(), String> {
         self.buf.extend_from_slice(bytes);
         let mut start = 0;
-        let mut data = Vec::new();
+        let data = &mut self.data;
         while let Some((end, next)) = event_end(&self.buf, start.max(self.scanned)) {
             data.clear();
             for line in self.buf[start..end].split(|b| *b == b'\n') {
@@ -249,7 +251,7 @@ impl SseParser {
                 }
             }
             if !data.is_empty() {
-                each(&data)?;
+                each(data)?;
             }
             start = next;
             self.scanned = next;
