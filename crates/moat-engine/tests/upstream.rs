@@ -530,7 +530,7 @@ async fn a_break_after_text_is_an_error_not_a_retry() {
 async fn bad_request_is_relayed_not_retried_and_all_down_is_503() {
     let a = Fake::start(Mode::Status(400), None).await;
     let b = Fake::start(Mode::Status(400), None).await;
-    let (p, _) = pool(&[&a, &b], |_| {});
+    let (p, _) = pool(&[&a, &b], |c| c.failure_threshold = 1);
     match run(&p, false).await {
         Err(EngineError::InvalidRequest { message, .. }) => {
             assert!(message.contains("upstream says no"), "{message}")
@@ -557,6 +557,37 @@ async fn bad_request_is_relayed_not_retried_and_all_down_is_503() {
         Err(EngineError::Unavailable { .. })
     ));
     assert_eq!(a.chats() + b.chats(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_error_does_not_take_the_only_replica_out() {
+    let a = Fake::start(Mode::Status(500), None).await;
+    let (p, rec) = pool(&[&a], |c| {
+        c.failure_threshold = 2;
+        c.cooldown = Duration::from_secs(30);
+        c.max_cooldown = Duration::from_secs(30);
+    });
+    // The one replica failed: 503 for this request (nowhere to retry)...
+    assert!(matches!(
+        run(&p, false).await,
+        Err(EngineError::Unavailable { .. })
+    ));
+    assert!(!p.status()[0].cooling_down);
+    // ...but the next one is sent, and answered.
+    a.set_mode(fast());
+    assert_eq!(run(&p, true).await.unwrap().0, "a b c");
+    // Two in a row do open the breaker: the third request is not sent.
+    a.set_mode(Mode::Status(502));
+    for _ in 0..2 {
+        assert!(run(&p, false).await.is_err());
+    }
+    assert!(p.status()[0].cooling_down);
+    let sent = a.chats();
+    assert!(
+        matches!(run(&p, false).await, Err(EngineError::Unavailable { retry_after, .. }) if retry_after >= 29)
+    );
+    assert_eq!(a.chats(), sent);
+    assert_eq!(rec.failures_of(&a.label()).len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

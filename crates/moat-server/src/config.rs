@@ -526,7 +526,7 @@ mod tests {
         std::fs::write(&key, "tok-123\n").unwrap();
         let c = check(&format!(
             "[[models]]\nname = \"r1\"\nbackend = \"upstream\"\n\
-             [models.pool]\nhealth_interval = \"500ms\"\ncooldown = 1\nmax_attempts = 2\n\
+             [models.pool]\nhealth_interval = \"500ms\"\ncooldown = 1\nmax_attempts = 2\nfailure_threshold = 5\n\
              [[models.upstreams]]\nurl = \"http://10.0.0.1:8000/v1\"\napi_key_file = {key:?}\nmodel = \"deepseek\"\n\
              [[models.upstreams]]\nurl = \"http://10.0.0.2:8000/v1\"\nhealth_path = \"/health\"\nread_timeout = \"5s\"\n"
         ))
@@ -541,6 +541,7 @@ mod tests {
         assert_eq!(p.upstreams[1].health_path, "/health");
         assert_eq!(p.health_interval, std::time::Duration::from_millis(500));
         assert_eq!(p.max_attempts, 2);
+        assert_eq!(p.failure_threshold, 5);
         assert!(
             !format!("{c:?}").contains("tok-123"),
             "the key never shows in Debug"

@@ -154,10 +154,14 @@ pub struct PoolConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive passed checks that bring it back.
     pub healthy_threshold: u32,
-    /// First cooldown after a failure; doubles with each consecutive
+    /// First cooldown once the breaker opens; doubles with each further
     /// failure up to `max_cooldown`. A 429's `Retry-After` wins when given.
     pub cooldown: Duration,
     pub max_cooldown: Duration,
+    /// Failed requests in a row (5xx, timeouts, broken bodies, refused
+    /// credentials) before the cooldown starts; a refused connection and a
+    /// 429 start it at once.
+    pub failure_threshold: u32,
     /// Most replicas one request tries (each at most once).
     pub max_attempts: usize,
 }
@@ -173,6 +177,7 @@ impl PoolConfig {
             healthy_threshold: 2,
             cooldown: Duration::from_secs(2),
             max_cooldown: Duration::from_secs(60),
+            failure_threshold: 3,
             max_attempts: 3,
         }
     }

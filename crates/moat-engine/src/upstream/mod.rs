@@ -8,8 +8,10 @@
 //!   refused credentials, a broken body) moves to another replica, but only
 //!   while nothing has reached the client: for a stream, until the first
 //!   piece of text; for a plain answer, until the whole answer is in hand;
-//! - breaker: every failure cools its replica down (a 429's `Retry-After`
-//!   is honoured, otherwise a doubling cooldown), and active health checks
+//! - breaker: a refused connection or a 429 cools its replica down at once
+//!   (for the 429's `Retry-After`), other failures (5xx, timeouts, broken
+//!   bodies) after `failure_threshold` in a row; the cooldown doubles while
+//!   failures go on. Active health checks
 //!   ([`health`]) take dead replicas out and bring restarted ones back;
 //! - streaming: chunks are relayed as they arrive, as engine [`Event`]s, so
 //!   the server re-frames them with its own `id` and `created`.
@@ -376,10 +378,15 @@ impl UpstreamPool {
                     if !f.retryable() {
                         return Err(f.error);
                     }
+                    let breaker = replica::Breaker {
+                        base: self.config.cooldown,
+                        max: self.config.max_cooldown,
+                        threshold: self.config.failure_threshold,
+                    };
                     r.failed(
+                        f.outcome == Outcome::Connect,
                         f.retry_after,
-                        self.config.cooldown,
-                        self.config.max_cooldown,
+                        &breaker,
                         Instant::now(),
                     );
                     last = Some(f.error);

@@ -18,6 +18,15 @@ const DECAY: Duration = Duration::from_secs(10);
 /// recovered replica gets traffic, high enough not to swamp it.
 const INITIAL_LATENCY: Duration = Duration::from_millis(50);
 
+/// The circuit breaker's settings (from the pool config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Breaker {
+    pub(crate) base: Duration,
+    pub(crate) max: Duration,
+    /// Consecutive uncertain failures that open the breaker.
+    pub(crate) threshold: u32,
+}
+
 /// Why a replica is cooling down; a rate limit is honoured to its end even
 /// when health checks pass meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,16 +134,24 @@ impl Replica {
         });
     }
 
-    /// A request failed on this replica: open the breaker for the
-    /// (doubling) cooldown, or for `retry_after` when the replica said so.
-    pub(crate) fn failed(&self, retry_after: Option<Duration>, base: Duration, max: Duration, now: Instant) {
+    /// A request failed on this replica. The breaker opens at once for a
+    /// 429 (for `retry_after`) and for failures that prove the replica
+    /// cannot answer anyone (`certain`: connection refused); for the rest
+    /// (5xx, timeouts, broken bodies), which one bad request can cause,
+    /// only after `b.threshold` in a row. The cooldown doubles with each
+    /// further failure, up to `b.max`.
+    pub(crate) fn failed(&self, certain: bool, retry_after: Option<Duration>, b: &Breaker, now: Instant) {
         self.with(|l| {
             l.failures = l.failures.saturating_add(1);
             let (wait, cause) = match retry_after {
-                Some(d) => (d.min(max), CooldownCause::RateLimited),
+                Some(d) => (d.min(b.max), CooldownCause::RateLimited),
                 None => {
-                    let doubling = 1u32 << (l.failures - 1).min(16);
-                    (base.saturating_mul(doubling).min(max), CooldownCause::Failure)
+                    let from = if certain { 1 } else { b.threshold.max(1) };
+                    if l.failures < from {
+                        return;
+                    }
+                    let doubling = 1u32 << (l.failures - from).min(16);
+                    (b.base.saturating_mul(doubling).min(b.max), CooldownCause::Failure)
                 }
             };
             let until = now + wait;
@@ -229,34 +246,52 @@ mod tests {
         assert!((r.cost(now) / idle - 4.0).abs() < 0.01);
     }
 
+    const B: Breaker = Breaker {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(3),
+        threshold: 2,
+    };
+
     #[test]
     fn cooldown_doubles_and_success_clears_it() {
         let r = replica();
         let now = Instant::now();
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(3);
-        r.failed(None, base, max, now);
-        assert_eq!(r.cooling_until(now), Some(now + base));
-        r.failed(None, base, max, now);
-        assert_eq!(r.cooling_until(now), Some(now + 2 * base));
-        r.failed(None, base, max, now);
-        assert_eq!(r.cooling_until(now), Some(now + max), "capped");
+        r.failed(true, None, &B, now);
+        assert_eq!(r.cooling_until(now), Some(now + B.base));
+        r.failed(true, None, &B, now);
+        assert_eq!(r.cooling_until(now), Some(now + 2 * B.base));
+        r.failed(true, None, &B, now);
+        assert_eq!(r.cooling_until(now), Some(now + B.max), "capped");
         assert!(!r.available(now));
-        assert!(r.available(now + max));
+        assert!(r.available(now + B.max));
         r.succeeded(Duration::from_millis(5), now);
         assert!(r.available(now));
+    }
+
+    #[test]
+    fn uncertain_failures_open_the_breaker_only_in_a_row() {
+        let r = replica();
+        let now = Instant::now();
+        r.failed(false, None, &B, now);
+        assert!(r.available(now), "one 5xx is not a dead replica");
+        r.succeeded(Duration::from_millis(5), now);
+        r.failed(false, None, &B, now);
+        assert!(r.available(now), "a success in between resets the count");
+        r.failed(false, None, &B, now);
+        assert_eq!(r.cooling_until(now), Some(now + B.base));
+        r.failed(false, None, &B, now);
+        assert_eq!(r.cooling_until(now), Some(now + 2 * B.base));
     }
 
     #[test]
     fn retry_after_survives_a_passing_health_check() {
         let r = replica();
         let now = Instant::now();
-        r.failed(
-            Some(Duration::from_secs(30)),
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            now,
-        );
+        let b = Breaker {
+            max: Duration::from_secs(60),
+            ..B
+        };
+        r.failed(false, Some(Duration::from_secs(30)), &b, now);
         assert_eq!(r.checked(false, 1, 1), Some(false));
         assert_eq!(r.checked(true, 1, 1), Some(true));
         assert!(!r.available(now), "Retry-After still runs");

@@ -35,6 +35,7 @@ pub struct RawPool {
     pub healthy_threshold: Option<u32>,
     pub cooldown: Option<RawDuration>,
     pub max_cooldown: Option<RawDuration>,
+    pub failure_threshold: Option<u32>,
     pub max_attempts: Option<usize>,
 }
 
@@ -143,6 +144,11 @@ pub fn pool(
             "healthy_threshold",
             raw.healthy_threshold,
             &mut p.healthy_threshold,
+        ),
+        (
+            "failure_threshold",
+            raw.failure_threshold,
+            &mut p.failure_threshold,
         ),
     ] {
         if let Some(v) = v {
