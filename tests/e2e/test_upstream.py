@@ -130,7 +130,7 @@ url = "{slow.url}"
             time.sleep(0.1)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=30)
     yield {"client": client, "a": a, "b": b, "slow": slow, "metrics": f"http://127.0.0.1:{mport}/metrics",
-           "log": tmp / "moat.log"}
+           "log": tmp / "moat.log", "base": f"http://127.0.0.1:{port}", "key": api_key}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     for f in (a, b, slow):
@@ -220,6 +220,9 @@ def test_killed_upstream_fails_over_and_comes_back(stack):
         assert text == "hello from b"
     assert len(b.requests) == served_by_b + 8
     wait_for_metric(stack, f'moat_upstream_healthy{{model="r1",upstream="{a.url}"}} 0')
+    req = urllib.request.Request(stack["base"] + "/ready", headers={"Authorization": f"Bearer {stack['key']}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.load(r)["upstreams"] == {"r1": {"available": 1, "total": 2}, "slow": {"available": 1, "total": 1}}
     # Restarted on the same port: the health checks bring it back and it
     # takes its share of concurrent load again.
     before = len(a.requests)

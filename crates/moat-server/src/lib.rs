@@ -193,7 +193,22 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .collect();
     let draining = state.shutdown.is_draining();
     let ready = !state.engines.is_empty() && !draining;
-    let body = json!({"ready": ready, "draining": draining, "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused});
+    // Per upstream-served model, how many replicas are in rotation: a model
+    // whose upstreams are all out still counts as loaded (moat can do
+    // nothing about it by restarting), but an operator sees it here.
+    let upstreams: serde_json::Map<String, serde_json::Value> = state
+        .engines
+        .iter()
+        .filter_map(|(name, b)| match &**b {
+            Backend::Upstream(pool) => {
+                let status = pool.status();
+                let healthy = status.iter().filter(|r| r.healthy && !r.cooling_down).count();
+                Some((name.clone(), json!({"available": healthy, "total": status.len()})))
+            }
+            Backend::Embedded(_) => None,
+        })
+        .collect();
+    let body = json!({"ready": ready, "draining": draining, "models": state.engines.keys().collect::<Vec<_>>(), "refused": refused, "upstreams": upstreams});
     let status = if !ready {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     } else {
