@@ -235,17 +235,21 @@ impl UpstreamPool {
             .collect()
     }
 
-    fn observe(&self, r: &Replica, outcome: Outcome, latency: Option<Duration>) {
+    /// Count an attempt; a failure is also logged with what went wrong
+    /// (hyper's error or the status: never a credential, never a body
+    /// beyond the clipped error message).
+    fn observe(&self, r: &Replica, outcome: Outcome, latency: Option<Duration>, error: Option<&EngineError>) {
         if let Some(o) = self.observer.get() {
             o.attempt(&self.name, &r.label, outcome, latency);
         }
+        let error = error.map(ToString::to_string).unwrap_or_default();
         match outcome {
             Outcome::Ok => {}
             Outcome::ClientError => {
-                tracing::info!(model = %self.name, upstream = %r.label, outcome = outcome.as_str(), "upstream refused the request")
+                tracing::info!(model = %self.name, upstream = %r.label, outcome = outcome.as_str(), %error, "upstream refused the request")
             }
             _ => {
-                tracing::warn!(model = %self.name, upstream = %r.label, outcome = outcome.as_str(), "upstream attempt failed")
+                tracing::warn!(model = %self.name, upstream = %r.label, outcome = outcome.as_str(), %error, "upstream attempt failed")
             }
         }
     }
@@ -374,7 +378,7 @@ impl UpstreamPool {
             match result {
                 Ok(rx) => return Ok(rx),
                 Err(f) => {
-                    self.observe(&r, f.outcome, None);
+                    self.observe(&r, f.outcome, None, Some(&f.error));
                     if !f.retryable() {
                         return Err(f.error);
                     }
@@ -525,7 +529,7 @@ impl UpstreamPool {
         let events = wire::completion_events(&bytes).map_err(|m| Failure::new(Outcome::Protocol, m))?;
         let rtt = started.elapsed();
         r.succeeded(rtt, Instant::now());
-        self.observe(r, Outcome::Ok, Some(rtt));
+        self.observe(r, Outcome::Ok, Some(rtt), None);
         let (tx, rx) = mpsc::channel(events.len().max(1));
         for ev in events {
             // Capacity equals the count: never blocks, never fails.
@@ -563,7 +567,7 @@ impl UpstreamPool {
         }
         let rtt = started.elapsed();
         r.succeeded(rtt, Instant::now());
-        self.observe(r, Outcome::Ok, Some(rtt));
+        self.observe(r, Outcome::Ok, Some(rtt), None);
         let (tx, rx) = mpsc::channel(64);
         let observer = self.observer.get().cloned();
         let model = self.name.clone();
