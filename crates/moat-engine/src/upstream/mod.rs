@@ -409,7 +409,9 @@ impl UpstreamPool {
             .iter()
             .filter_map(|r| r.cooling_until(now))
             .min()
-            .map(|t| t.duration_since(now).as_secs().max(1))
+            // Whole seconds, rounded up: a client retrying on time finds
+            // the replica back.
+            .map(|t| t.duration_since(now).as_millis().div_ceil(1000).max(1) as u64)
             .unwrap_or(1);
         let message = match last {
             Some(e) => format!("no upstream of model {} could answer: {e}", self.name),
