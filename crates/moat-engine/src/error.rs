@@ -1,5 +1,5 @@
 //! Engine errors, split by who is at fault: the request (400), capacity
-//! (503), or the model / engine itself (500 and load failures).
+//! (503), an upstream (502/503), or the model / engine itself (500 and load failures).
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -12,6 +12,18 @@ pub enum EngineError {
     /// The model could not be loaded; names the file and what is wrong.
     #[error("model {model}: {message}")]
     Load { model: String, message: String },
+    /// No upstream of the model could answer (all down, cooling down or
+    /// failing); `retry_after` seconds until the first comes back.
+    #[error("{message}")]
+    Unavailable {
+        model: String,
+        message: String,
+        retry_after: u64,
+    },
+    /// An upstream answered wrongly after text already reached the client,
+    /// or with something no retry can fix.
+    #[error("{0}")]
+    BadGateway(String),
     /// A failure while running the model.
     #[error("inference failed: {0}")]
     Inference(String),

@@ -66,6 +66,8 @@ impl KvCacheUsage {
 pub enum FinishReason {
     Stop,
     Length,
+    /// Only from upstreams that filter output.
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -73,6 +75,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
         }
     }
 }
@@ -244,32 +247,7 @@ impl Engine {
                 ));
             }
         }
-        let temperature = req.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(EngineError::invalid(
-                Some("temperature"),
-                format!("temperature {temperature} is not in [0, 2]"),
-            ));
-        }
-        let top_p = req.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(EngineError::invalid(
-                Some("top_p"),
-                format!("top_p {top_p} is not in (0, 1]"),
-            ));
-        }
-        if req.stop.len() > MAX_STOP_STRINGS {
-            return Err(EngineError::invalid(
-                Some("stop"),
-                format!("at most {MAX_STOP_STRINGS} stop strings"),
-            ));
-        }
-        if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-            return Err(EngineError::invalid(
-                Some("stop"),
-                format!("stop string of {} bytes exceeds {MAX_STOP_BYTES}", s.len()),
-            ));
-        }
+        let (temperature, top_p) = check_sampling(&req)?;
         let messages: Vec<(String, String)> = req
             .messages
             .into_iter()
@@ -371,6 +349,39 @@ impl Engine {
             }
         })
     }
+}
+
+/// The checks on sampling fields and stop strings every backend applies
+/// (the embedded engine and upstream pools alike); returns the temperature
+/// and top_p in force.
+pub(crate) fn check_sampling(req: &ChatRequest) -> Result<(f32, f32), EngineError> {
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(EngineError::invalid(
+            Some("temperature"),
+            format!("temperature {temperature} is not in [0, 2]"),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(EngineError::invalid(
+            Some("top_p"),
+            format!("top_p {top_p} is not in (0, 1]"),
+        ));
+    }
+    if req.stop.len() > MAX_STOP_STRINGS {
+        return Err(EngineError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOP_STRINGS} stop strings"),
+        ));
+    }
+    if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(EngineError::invalid(
+            Some("stop"),
+            format!("stop string of {} bytes exceeds {MAX_STOP_BYTES}", s.len()),
+        ));
+    }
+    Ok((temperature, top_p))
 }
 
 struct Worker {

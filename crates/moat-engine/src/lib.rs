@@ -8,8 +8,14 @@
 //! - [`generate`]: one worker thread per model with a bounded queue, sampling,
 //!   stop strings and the DeepSeek-R1 `<think>` split.
 //!
-//! The engine knows nothing about HTTP or who is calling.
+//! - [`upstream`]: a model served by OpenAI-compatible upstreams instead,
+//!   with health checks, load balancing and failover;
+//! - [`backend`]: the one handle the server uses for either kind.
+//!
+//! The engine knows nothing about who is calling; only [`upstream`] speaks
+//! HTTP, as a client.
 
+pub mod backend;
 pub mod demo;
 pub mod error;
 pub mod generate;
@@ -18,7 +24,9 @@ pub mod request;
 pub mod sampling;
 pub mod stop;
 pub mod template;
+pub mod upstream;
 
+pub use backend::{Backend, Submitted};
 pub use error::EngineError;
 pub use generate::{Engine, Event, FinishReason, KvCacheUsage, Usage};
 pub use request::{ChatMessage, ChatRequest, ValidRequest};

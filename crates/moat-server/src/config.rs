@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub mod access;
 pub mod management;
 pub mod tracing;
+pub mod upstream;
 pub use access::{
     JwtIssuerConfig, Limits, OnRedisError, PlaneAccess, PrincipalLimits, RateLimitConfig, RawAuth, RawLimits,
     RawRateLimits, RawTls,
@@ -122,11 +123,17 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
     pub signature: Option<RawSignature>,
+    /// `"embedded"` (the default: weights from the trusted store) or
+    /// `"upstream"` (OpenAI-compatible servers in `upstreams`).
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub upstreams: Vec<upstream::RawUpstream>,
+    pub pool: Option<upstream::RawPool>,
 }
 
 /// `[models.signature]`: who must have signed the model.
@@ -176,6 +183,16 @@ impl RawSignature {
 pub struct ModelConfig {
     pub name: ModelName,
     pub signature: Option<Arc<SignaturePolicy>>,
+    pub backend: ModelBackend,
+}
+
+/// What serves a model.
+#[derive(Debug, Clone)]
+pub enum ModelBackend {
+    /// The embedded engine, on weights from the trusted store.
+    Embedded,
+    /// A pool of OpenAI-compatible upstreams.
+    Upstream(Arc<moat_engine::upstream::PoolConfig>),
 }
 
 /// Where request records go.
@@ -379,11 +396,46 @@ impl RawConfig {
                     format!("\"{name}\" is listed twice"),
                 ));
             }
+            let backend = match m.backend.as_deref() {
+                None | Some("embedded") => {
+                    if !m.upstreams.is_empty() || m.pool.is_some() {
+                        return Err(invalid(
+                            format!("models[{i}].upstreams"),
+                            "only for backend = \"upstream\"",
+                        ));
+                    }
+                    ModelBackend::Embedded
+                }
+                Some("upstream") => {
+                    if m.signature.is_some() {
+                        return Err(invalid(
+                            format!("models[{i}].signature"),
+                            "only for embedded models (an upstream's weights are not ours to verify)",
+                        ));
+                    }
+                    ModelBackend::Upstream(Arc::new(upstream::pool(
+                        &format!("models[{i}]"),
+                        name.as_str(),
+                        m.upstreams,
+                        m.pool.unwrap_or_default(),
+                    )?))
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        format!("models[{i}].backend"),
+                        format!("{other:?}: use \"embedded\" or \"upstream\""),
+                    ));
+                }
+            };
             let signature = match m.signature {
                 None => None,
                 Some(raw) => Some(Arc::new(raw.into_policy(&format!("models[{i}].signature"))?)),
             };
-            models.push(ModelConfig { name, signature });
+            models.push(ModelConfig {
+                name,
+                signature,
+                backend,
+            });
         }
         if models.is_empty() {
             return Err(invalid(
@@ -500,6 +552,81 @@ mod tests {
         assert_eq!(c.rate_limits.admin.requests_per_minute, Some(600));
         assert_eq!(c.rate_limits.redis_addr.as_deref(), Some("127.0.0.1:6379"));
         assert_eq!(c.rate_limits.on_redis_error, OnRedisError::Open);
+    }
+
+    #[test]
+    fn upstream_models_parse_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "tok-123\n").unwrap();
+        let c = check(&format!(
+            "[[models]]\nname = \"r1\"\nbackend = \"upstream\"\n\
+             [models.pool]\nhealth_interval = \"500ms\"\ncooldown = 1\nmax_attempts = 2\nfailure_threshold = 5\n\
+             [[models.upstreams]]\nurl = \"http://10.0.0.1:8000/v1\"\napi_key_file = {key:?}\nmodel = \"deepseek\"\n\
+             [[models.upstreams]]\nurl = \"http://10.0.0.2:8000/v1\"\nhealth_path = \"/health\"\nread_timeout = \"5s\"\n"
+        ))
+        .unwrap();
+        let ModelBackend::Upstream(p) = &c.models[0].backend else {
+            panic!("upstream backend expected")
+        };
+        assert_eq!(p.upstreams.len(), 2);
+        assert_eq!(p.upstreams[0].model, "deepseek");
+        assert_eq!(p.upstreams[1].model, "r1", "defaults to the name here");
+        assert_eq!(p.upstreams[0].health_path, "/v1/models");
+        assert_eq!(p.upstreams[1].health_path, "/health");
+        assert_eq!(p.health_interval, std::time::Duration::from_millis(500));
+        assert_eq!(p.max_attempts, 2);
+        assert_eq!(p.failure_threshold, 5);
+        assert!(
+            !format!("{c:?}").contains("tok-123"),
+            "the key never shows in Debug"
+        );
+
+        let cases = [
+            ("backend = \"remote\"", "models[0].backend"),
+            ("backend = \"upstream\"", "models[0].upstreams"),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"",
+                "models[0].upstreams[0].url",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://u:p@x/v1\"",
+                "models[0].upstreams[0].url",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://x/v1\"\napi_key_file = \"/nonexistent/k\"",
+                "models[0].upstreams[0].api_key_file",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://x/v1\"\n[[models.upstreams]]\nurl = \"http://x/v1/\"",
+                "models[0].upstreams[1].url",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://x/v1\"\nconnect_timeout = \"soon\"",
+                "models[0].upstreams[0].connect_timeout",
+            ),
+            (
+                "backend = \"upstream\"\n[models.pool]\nmax_attempts = 0\n[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].pool.max_attempts",
+            ),
+            (
+                "backend = \"upstream\"\n[models.pool]\ncooldown = 10\nmax_cooldown = 1\n[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].pool.max_cooldown",
+            ),
+            (
+                "[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].upstreams",
+            ),
+            (
+                "backend = \"upstream\"\n[models.signature]\npublic_key = \"/k\"\n[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].signature",
+            ),
+        ];
+        for (text, key) in cases {
+            let text = format!("[[models]]\nname = \"a\"\n{text}\n");
+            let err = check(&text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -162,6 +162,25 @@ impl ApiError {
         }
     }
 
+    /// 503: no upstream of the model could answer; `Retry-After` is when
+    /// the first one comes out of its cooldown.
+    pub fn upstream_unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "upstream_unavailable",
+                message,
+            )
+        }
+    }
+
+    /// 502: an upstream failed in a way no retry could hide (mid-stream).
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", "upstream_error", message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -181,6 +200,10 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::InvalidRequest { param, message } => ApiError::bad_request(param, message),
             EngineError::Overloaded { .. } => ApiError::overloaded(e.to_string()),
+            EngineError::Unavailable { retry_after, .. } => {
+                ApiError::upstream_unavailable(e.to_string(), retry_after)
+            }
+            EngineError::BadGateway(m) => ApiError::bad_gateway(m),
             EngineError::Load { .. } | EngineError::Inference(_) => ApiError::internal(e.to_string()),
         }
     }

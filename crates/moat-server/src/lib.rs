@@ -35,7 +35,7 @@ use moat_artifact::Store;
 use moat_audit::{
     AuditKeys, AuditLog, AuditOptions, AuditRecord, FileSink, Outcome, RequestLog, WriterSink, action,
 };
-use moat_engine::Engine;
+use moat_engine::{Backend, Engine};
 use moat_guard::keys::KeyStore;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -74,7 +74,7 @@ pub enum ServerError {
 
 /// Models that loaded, and those refused with the reason.
 pub struct LoadedModels {
-    pub engines: Vec<Engine>,
+    pub engines: Vec<Backend>,
     pub refused: Vec<(String, String)>,
     /// How each model's load went, stage by stage, for the metrics.
     pub reports: Vec<ModelLoadReport>,
@@ -93,6 +93,25 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     let mut reports = Vec::new();
     for model in &config.models {
         let name = &model.name;
+        if let config::ModelBackend::Upstream(pool) = &model.backend {
+            // Nothing local to verify: the pool is built now (no I/O) and
+            // its health checks start with the runtime.
+            let mut report = ModelLoadReport::new(name.as_str());
+            let result = moat_engine::upstream::UpstreamPool::new((**pool).clone());
+            report.loaded = result.is_ok();
+            reports.push(report);
+            match result {
+                Ok(p) => {
+                    tracing::info!(model = %name, upstreams = pool.upstreams.len(), "model served by upstreams");
+                    engines.push(Backend::Upstream(Arc::new(p)));
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, reason = %e, "refusing model");
+                    refused.push((name.to_string(), e.to_string()));
+                }
+            }
+            continue;
+        }
         let started = std::time::Instant::now();
         let mut report = ModelLoadReport::new(name.as_str());
         // The active version's folder, as `models/NAME/current` names it now.
@@ -116,7 +135,7 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "model verified and loaded"
                 );
-                engines.push(engine);
+                engines.push(Backend::Embedded(engine));
             }
             Err(reason) => {
                 tracing::error!(model = %name, %reason, "refusing model");
@@ -193,7 +212,21 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let draining = state.shutdown.is_draining();
     let engines = state.engines();
     let ready = !engines.is_empty() && !draining;
-    let body = json!({"ready": ready, "draining": draining, "models": engines.keys().collect::<Vec<_>>(), "refused": refused});
+    // Per upstream-served model, how many replicas are in rotation: a model
+    // whose upstreams are all out still counts as loaded (moat can do
+    // nothing about it by restarting), but an operator sees it here.
+    let upstreams: serde_json::Map<String, serde_json::Value> = engines
+        .iter()
+        .filter_map(|(name, b)| match &**b {
+            Backend::Upstream(pool) => {
+                let status = pool.status();
+                let healthy = status.iter().filter(|r| r.healthy && !r.cooling_down).count();
+                Some((name.clone(), json!({"available": healthy, "total": status.len()})))
+            }
+            Backend::Embedded(_) => None,
+        })
+        .collect();
+    let body = json!({"ready": ready, "draining": draining, "models": engines.keys().collect::<Vec<_>>(), "refused": refused, "upstreams": upstreams});
     let status = if !ready {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -506,11 +539,18 @@ pub async fn serve(
             Some(Arc::new(tracer))
         }
     };
-    let engines: BTreeMap<String, Arc<Engine>> = models
+    let engines: BTreeMap<String, Arc<Backend>> = models
         .engines
         .into_iter()
         .map(|e| (e.name().to_owned(), Arc::new(e)))
         .collect();
+    let upstream_metrics = Arc::new(metrics.upstream_observer());
+    for backend in engines.values() {
+        if let Backend::Upstream(pool) = &**backend {
+            pool.set_observer(upstream_metrics.clone());
+            pool.start_health_checks();
+        }
+    }
     // Shutdown: SIGTERM starts draining (no new connections, /ready false);
     // `limits.drain_timeout` later, requests still running are ended.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

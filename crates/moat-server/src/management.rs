@@ -414,7 +414,7 @@ fn pull_error(e: PullError) -> ApiError {
 
 /// Swap `engine` in under `name`; returns the revision it replaced.
 fn install(app: &AppState, name: &str, engine: moat_engine::Engine) -> Option<String> {
-    let engine = Arc::new(engine);
+    let engine = Arc::new(moat_engine::Backend::Embedded(engine));
     app.update_engines(|map| map.insert(name.to_owned(), engine))
         .map(|old| old.revision().to_owned())
 }

@@ -16,7 +16,8 @@ mod process;
 
 pub use process::ProcessStats;
 
-use moat_engine::Engine;
+use moat_engine::Backend;
+use moat_engine::upstream::{Outcome, PoolObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -89,6 +90,21 @@ pub struct VerificationLabels {
     pub model: String,
     pub check: &'static str,
     pub result: &'static str,
+}
+
+/// One upstream replica of a model; `upstream` is its configured base URL
+/// (no credentials ever), so cardinality is bounded by the config.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub model: String,
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOutcomeLabels {
+    pub model: String,
+    pub upstream: String,
+    pub outcome: &'static str,
 }
 
 /// Where a request was refused, and why; fixed strings only.
@@ -216,6 +232,47 @@ pub struct Metrics {
     pub kv_cache_capacity_tokens: Family<ModelLabels, Gauge>,
     pub kv_cache_bytes: Family<ModelLabels, Gauge>,
     pub kv_cache_capacity_bytes: Family<ModelLabels, Gauge>,
+    pub upstream_requests: Family<UpstreamOutcomeLabels, Counter>,
+    pub upstream_latency: Family<UpstreamLabels, Histogram>,
+    pub upstream_failovers: Family<ModelLabels, Counter>,
+    pub upstream_healthy: Family<UpstreamLabels, Gauge>,
+    pub upstream_cooling_down: Family<UpstreamLabels, Gauge>,
+    pub upstream_in_flight: Family<UpstreamLabels, Gauge>,
+}
+
+/// The pools' view of the metrics: attempts and failovers as they happen.
+pub struct UpstreamMetrics {
+    requests: Family<UpstreamOutcomeLabels, Counter>,
+    latency: Family<UpstreamLabels, Histogram>,
+    failovers: Family<ModelLabels, Counter>,
+}
+
+impl PoolObserver for UpstreamMetrics {
+    fn attempt(&self, model: &str, upstream: &str, outcome: Outcome, latency: Option<Duration>) {
+        self.requests
+            .get_or_create(&UpstreamOutcomeLabels {
+                model: model.to_owned(),
+                upstream: upstream.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if let Some(l) = latency {
+            self.latency
+                .get_or_create(&UpstreamLabels {
+                    model: model.to_owned(),
+                    upstream: upstream.to_owned(),
+                })
+                .observe(l.as_secs_f64());
+        }
+    }
+
+    fn failover(&self, model: &str) {
+        self.failovers
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
 }
 
 /// Latency buckets from 1 ms to 60 s: request-path overhead at the bottom,
@@ -294,6 +351,12 @@ impl Metrics {
             kv_cache_capacity_tokens: Family::default(),
             kv_cache_bytes: Family::default(),
             kv_cache_capacity_bytes: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_latency: histograms(latency_histogram),
+            upstream_failovers: Family::default(),
+            upstream_healthy: Family::default(),
+            upstream_cooling_down: Family::default(),
+            upstream_in_flight: Family::default(),
         };
         let r = root.sub_registry_with_prefix("moat");
         r.register(
@@ -412,7 +475,46 @@ impl Metrics {
             "Bytes the model's KV cache takes when full, by model",
             m.kv_cache_capacity_bytes.clone(),
         );
+        r.register(
+            "upstream_requests",
+            "Attempts on upstream replicas, by model, upstream and outcome (ok, connect_error, timeout, rate_limited, server_error, refused, client_error, protocol_error, interrupted)",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to the first piece of its answer (the whole answer when not streamed), by model and upstream",
+            m.upstream_latency.clone(),
+        );
+        r.register(
+            "upstream_failovers",
+            "Requests moved to another replica after a failure, before anything reached the client, by model",
+            m.upstream_failovers.clone(),
+        );
+        r.register(
+            "upstream_healthy",
+            "1 while an upstream passes its health checks, 0 once out of rotation, by model and upstream",
+            m.upstream_healthy.clone(),
+        );
+        r.register(
+            "upstream_cooling_down",
+            "1 while an upstream is in its cooldown (circuit open after a 429, 5xx, connect error or timeout)",
+            m.upstream_cooling_down.clone(),
+        );
+        r.register(
+            "upstream_in_flight",
+            "Requests outstanding on an upstream now (streams until their end), by model and upstream",
+            m.upstream_in_flight.clone(),
+        );
         Self { registry: root, ..m }
+    }
+
+    /// What the upstream pools report into.
+    pub fn upstream_observer(&self) -> UpstreamMetrics {
+        UpstreamMetrics {
+            requests: self.upstream_requests.clone(),
+            latency: self.upstream_latency.clone(),
+            failovers: self.upstream_failovers.clone(),
+        }
     }
 
     /// Record how each model's start-up load went.
@@ -492,8 +594,27 @@ impl Metrics {
 
     /// Queue gauges are read from the engines at scrape time: always
     /// current, and nothing to keep in step on the request path.
-    pub fn observe_engines(&self, engines: &BTreeMap<String, Arc<Engine>>) {
-        for (name, e) in engines {
+    pub fn observe_engines(&self, engines: &BTreeMap<String, Arc<Backend>>) {
+        for (name, b) in engines {
+            let e = match &**b {
+                Backend::Embedded(e) => e,
+                Backend::Upstream(pool) => {
+                    for r in pool.status() {
+                        let l = UpstreamLabels {
+                            model: name.clone(),
+                            upstream: r.upstream,
+                        };
+                        self.upstream_healthy.get_or_create(&l).set(i64::from(r.healthy));
+                        self.upstream_cooling_down
+                            .get_or_create(&l)
+                            .set(i64::from(r.cooling_down));
+                        self.upstream_in_flight
+                            .get_or_create(&l)
+                            .set(i64::try_from(r.pending).unwrap_or(i64::MAX));
+                    }
+                    continue;
+                }
+            };
             let l = ModelLabels { model: name.clone() };
             self.queue_depth
                 .get_or_create(&l)

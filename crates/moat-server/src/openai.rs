@@ -17,7 +17,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use moat_engine::{ChatMessage, ChatRequest, Engine, Event, FinishReason, Usage};
+use moat_engine::{Backend, ChatMessage, ChatRequest, Event, FinishReason, Usage};
 use moat_guard::Principal;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -285,14 +285,19 @@ pub async fn chat_completions(
                 .prompt_hmac(&serde_json::to_string(&canonical).unwrap_or_default()),
         );
     }
-    let valid = engine.validate(chat_request)?;
-    let prompt_tokens = valid.prompt_tokens();
-    let events = engine.submit(valid)?;
-    // Admitted: the prompt will be processed even if the client leaves.
-    ctx.set_tokens(prompt_tokens, 0);
+    let stream = req.stream == Some(true);
+    // The embedded engine validates and queues at once; an upstream pool
+    // returns once a replica produced the first piece of the answer (for a
+    // stream) or the whole answer, having retried elsewhere before that.
+    let submitted = engine.submit(chat_request, stream).await?;
+    let events = submitted.events;
+    if let Some(prompt_tokens) = submitted.prompt_tokens {
+        // Admitted: the prompt will be processed even if the client leaves.
+        ctx.set_tokens(prompt_tokens, 0);
+    }
     let id = format!("chatcmpl-{}", ctx.request_id);
     let created = unix_now();
-    let mut resp = if req.stream == Some(true) {
+    let mut resp = if stream {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         stream_response(state, engine, events, ctx, id, created, include_usage)
     } else {
@@ -308,7 +313,7 @@ pub async fn chat_completions(
 
 async fn complete_response(
     state: &AppState,
-    engine: Arc<Engine>,
+    engine: Arc<Backend>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
     id: String,
@@ -370,7 +375,7 @@ fn usage_json(u: Usage) -> Value {
 }
 
 /// Identifies the exact weights that answered (the lock's revision).
-fn fingerprint(engine: &Engine) -> String {
+fn fingerprint(engine: &Backend) -> String {
     let rev = engine.revision();
     let short = rev.strip_prefix("sha256:").unwrap_or(rev);
     format!("moat-{}", &short[..short.len().min(16)])
@@ -378,7 +383,7 @@ fn fingerprint(engine: &Engine) -> String {
 
 fn stream_response(
     state: Arc<AppState>,
-    engine: Arc<Engine>,
+    engine: Arc<Backend>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
     id: String,

@@ -10,7 +10,7 @@
 
 use crate::metrics::{Metrics, ModelLabels, Plane, PlaneLabels, Rejection, RequestLabels};
 use moat_audit::{AuditLog, AuditRecord, Outcome, RequestLog, RequestRecord, action, now_rfc3339};
-use moat_engine::Engine;
+use moat_engine::Backend;
 use moat_guard::Keyring;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +19,7 @@ use std::time::Instant;
 /// The served models by name. Replaced whole (copy on write) when the
 /// management plane adds, removes or switches a model, so a request takes
 /// one snapshot and never sees a half-changed set.
-pub type EngineMap = BTreeMap<String, Arc<Engine>>;
+pub type EngineMap = BTreeMap<String, Arc<Backend>>;
 
 pub struct AppState {
     /// Read with [`AppState::engines`] / [`AppState::engine`]: one read
@@ -89,7 +89,7 @@ impl AppState {
         }
     }
 
-    pub fn engine(&self, name: &str) -> Option<Arc<Engine>> {
+    pub fn engine(&self, name: &str) -> Option<Arc<Backend>> {
         match self.engines.read() {
             Ok(e) => e.get(name).cloned(),
             Err(poison) => poison.into_inner().get(name).cloned(),

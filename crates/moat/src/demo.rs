@@ -47,7 +47,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
         home: Some(home.clone()),
         models: vec![RawModel {
             name: DEMO_MODEL.into(),
-            signature: None,
+            ..RawModel::default()
         }],
         ..RawConfig::default()
     };

@@ -137,7 +137,7 @@ pub enum RawDuration {
     Text(String),
 }
 
-fn duration(
+pub(crate) fn duration(
     key: &str,
     v: Option<RawDuration>,
     default: Duration,
