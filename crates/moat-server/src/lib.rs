@@ -358,13 +358,17 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
 }
 
 /// Re-reads changed JWKS files, and re-fetches URL and discovery JWKS
-/// whose refresh interval has passed, about once a second.
-fn watch_jwks(jwt: Arc<auth::JwtAuth>) {
+/// whose refresh interval has passed, about once a second. It works on the
+/// issuers in force at each tick, so issuers swapped in by a reload are
+/// refreshed from then on and the replaced ones are let go.
+fn watch_jwks(state: Arc<AppState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let j = jwt.clone();
+            let Some(j) = Option::clone(&state.jwt.load()) else {
+                continue;
+            };
             let _ = tokio::task::spawn_blocking(move || {
                 j.reload_changed_files();
                 j.refresh_due();
@@ -569,7 +573,7 @@ pub async fn serve(
     });
     let state = Arc::new(AppState {
         engines: RwLock::new(Arc::new(engines)),
-        rbac: config.rbac.clone(),
+        rbac: reload::Swappable::new(config.rbac.clone()),
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
         keyring: RwLock::new(Arc::new(moat_guard::Keyring::default())),
@@ -580,8 +584,8 @@ pub async fn serve(
         metrics_public: config.metrics_public,
         audit: audit.clone(),
         audit_fail_closed: config.audit.as_ref().is_some_and(|a| a.fail_closed),
-        jwt: jwt.clone(),
-        mtls_roles: config.mtls_roles.clone(),
+        jwt: reload::Swappable::new(jwt),
+        mtls_roles: reload::Swappable::new(config.mtls_roles.clone()),
         request_timeout: config.limits.request_timeout,
         rate: reload::Swappable::new(ratelimit::RateLimits::new(config.rate_limits.clone())),
         default_max_tokens: config.engine.default_max_tokens as u64,
@@ -603,9 +607,8 @@ pub async fn serve(
             }
         });
     }
-    if let Some(j) = jwt {
-        watch_jwks(j);
-    }
+    // Always: a reload may bring issuers to a server started without any.
+    watch_jwks(state.clone());
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
     }

@@ -206,7 +206,8 @@ pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Nex
         let err = ApiError::forbidden("this route needs a credential");
         return refuse(&req, "rbac", "missing_permission", err);
     };
-    if !m.app.rbac.allows(&principal, perm) {
+    let rbac = m.app.rbac_for(req.extensions());
+    if !rbac.allows(&principal, perm) {
         let err = ApiError::forbidden(format!(
             "role {} lacks the {perm} permission this route needs",
             principal.role
@@ -224,7 +225,7 @@ pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Nex
         );
         return refuse(&req, "management", "model_control_none", err);
     }
-    if write && m.app.rbac.totp_required(&principal) {
+    if write && rbac.totp_required(&principal) {
         let code = req.headers().get(TOTP_HEADER).and_then(|v| v.to_str().ok());
         if let Err(e) = m.check_totp(&principal.key_id, code) {
             let err = api_error(
@@ -764,7 +765,8 @@ async fn create_key(
         limits: m.app.rate.load().role_limits(role).tightest(&own_limits),
     };
     let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
-    grants_within(&m.app.rbac, &creator, &requested).map_err(|e| escalation(ctx.as_ref(), &e))?;
+    grants_within(&m.app.rbac_for(&parts.extensions), &creator, &requested)
+        .map_err(|e| escalation(ctx.as_ref(), &e))?;
     let keys = m.keys.clone();
     let models = req.models.unwrap_or_default();
     let key = blocking(move || keys.create_with(role, models, ttl, Some(own_limits)))
@@ -810,7 +812,8 @@ async fn revoke_key(
                 .map_or(role_limits, |l| role_limits.tightest(l)),
         };
         let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
-        grants_within(&m.app.rbac, &creator, &grants).map_err(|e| escalation(ctx.as_ref(), &e))?;
+        grants_within(&m.app.rbac_for(&parts.extensions), &creator, &grants)
+            .map_err(|e| escalation(ctx.as_ref(), &e))?;
     }
     let keys = m.keys.clone();
     let rec = blocking(move || keys.revoke(&id)).await?.map_err(key_error)?;

@@ -150,7 +150,10 @@ pub async fn authenticate(
         let (scheme, token) = h.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
     });
-    let result = match (bearer, &state.jwt) {
+    // One version of each for the whole request (see `reload.rs`).
+    let jwt = state.jwt.load();
+    let rbac = state.rbac.load();
+    let result = match (bearer, jwt.as_ref()) {
         // Not a moat key: a JWT when issuers are configured.
         (Some(token), Some(jwt)) if !token.starts_with(moat_guard::keys::KEY_PREFIX) => {
             let token = token.to_owned();
@@ -160,7 +163,7 @@ pub async fn authenticate(
             })
         }
         _ if header.is_none() => match req.extensions().get::<ClientCert>().and_then(|c| c.0.clone()) {
-            Some(name) => mtls_principal(&name, &state.mtls_roles).ok_or_else(|| {
+            Some(name) => mtls_principal(&name, &state.mtls_roles.load()).ok_or_else(|| {
                 Refusal::Unauthenticated(
                     "mtls_unmapped",
                     format!("client certificate {name:?} is not mapped to a role ([auth.mtls] roles)"),
@@ -176,6 +179,7 @@ pub async fn authenticate(
                 ctx.set_key(&principal.key_id);
             }
             req.extensions_mut().insert(principal);
+            req.extensions_mut().insert(crate::state::RbacSnapshot(rbac));
             next.run(req).await
         }
         Err(refusal) => {
@@ -280,7 +284,13 @@ pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, nex
         return next.run(req).await;
     }
     match req.extensions().get::<Principal>() {
-        Some(p) if state.rbac.allows(p, Permission::MetricsRead) => next.run(req).await,
+        Some(p)
+            if state
+                .rbac_for(req.extensions())
+                .allows(p, Permission::MetricsRead) =>
+        {
+            next.run(req).await
+        }
         _ => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "admin_required"));
@@ -298,7 +308,7 @@ pub async fn require_inference(State(state): State<Arc<AppState>>, req: Request,
         return next.run(req).await;
     }
     match req.extensions().get::<Principal>() {
-        Some(p) if !state.rbac.allows(p, Permission::Inference) => {
+        Some(p) if !state.rbac_for(req.extensions()).allows(p, Permission::Inference) => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "missing_permission"));
             }

@@ -4,13 +4,20 @@
 //!
 //! What is reloadable is what can be swapped whole between two requests:
 //! the keyring, each plane's TLS configuration (new handshakes use the new
-//! certificate; open connections keep theirs) and the rate limits. Each is
-//! held behind an `Arc` that a request takes once, so a request in flight
-//! (a stream, say) finishes under the version it started with. Everything
-//! else (listen addresses, models, audit, engine, allowlists, auth issuers,
-//! tracing) is bound into listeners, threads or open files at start: a
-//! change there is reported as ignored (log and audit record) and needs a
-//! restart. A new configuration that fails to validate changes nothing.
+//! certificate; open connections keep theirs), the rate limits, the JWT
+//! issuers (`[[auth.jwt]]`), the client-certificate role map
+//! (`[auth.mtls]`) and the roles (`[rbac]`). Each is held behind an `Arc`
+//! that a request takes once, so a request in flight (a stream, say)
+//! finishes under the version it started with. Everything else (listen
+//! addresses, models, audit, engine, allowlists, tracing) is bound into
+//! listeners, threads or open files at start: a change there is reported as
+//! ignored (log and audit record) and needs a restart. A new configuration
+//! that fails to validate changes nothing.
+//!
+//! New JWT issuers are loaded (JWKS files read, discovery documents and
+//! JWKS fetched) on a blocking thread before anything is swapped: if one
+//! cannot be loaded the reload reports `auth.jwt` as failed and the issuers
+//! in force stay, so a typo in a new issuer never locks out the old ones.
 //!
 //! The keys file and certificates are also watched (about once a second);
 //! SIGHUP is for the operator who wants the change in force now, and wants
@@ -113,11 +120,14 @@ pub fn changed_sections(running: &Config, new: &Config) -> (Vec<&'static str>, V
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
-    let mut reloadable = Vec::new();
-    if differs(&running.rate_limits, &new.rate_limits) {
-        reloadable.push("rate_limits");
-    }
-    let fixed: [(&'static str, bool); 17] = [
+    let candidates: [(&'static str, bool); 4] = [
+        ("rate_limits", differs(&running.rate_limits, &new.rate_limits)),
+        ("auth.jwt", differs(&running.jwt, &new.jwt)),
+        ("auth.mtls", differs(&running.mtls_roles, &new.mtls_roles)),
+        ("rbac", differs(&running.rbac, &new.rbac)),
+    ];
+    let reloadable = candidates.iter().filter(|(_, d)| *d).map(|(k, _)| *k).collect();
+    let fixed: [(&'static str, bool); 15] = [
         ("home", differs(&running.home, &new.home)),
         ("keys_file", differs(&running.keys_file, &new.keys_file)),
         (
@@ -153,8 +163,6 @@ pub fn changed_sections(running: &Config, new: &Config) -> (Vec<&'static str>, V
         ("models", differs(&running.models, &new.models)),
         ("audit", differs(&running.audit, &new.audit)),
         ("limits", differs(&running.limits, &new.limits)),
-        ("auth.jwt", differs(&running.jwt, &new.jwt)),
-        ("auth.mtls", differs(&running.mtls_roles, &new.mtls_roles)),
         ("tracing", differs(&running.tracing, &new.tracing)),
     ];
     let ignored = fixed.iter().filter(|(_, d)| *d).map(|(k, _)| *k).collect();
@@ -178,13 +186,13 @@ impl Reloader {
                     Request::Files => ("reload", None),
                     Request::Config(origin, c) => (origin, Some(*c)),
                 };
-                let report = self.apply(config);
+                let report = self.apply(config).await;
                 self.record(origin, &report).await;
             }
         });
     }
 
-    fn apply(&mut self, config: Option<Result<Config, String>>) -> ReloadReport {
+    async fn apply(&mut self, config: Option<Result<Config, String>>) -> ReloadReport {
         let mut report = ReloadReport::default();
         match config {
             None => {}
@@ -204,6 +212,33 @@ impl Reloader {
                     self.state.rate.store(Arc::new(fresh));
                     self.running.rate_limits = new.rate_limits.clone();
                     report.applied.push("rate_limits".to_owned());
+                }
+                if reloadable.contains(&"auth.jwt") {
+                    match load_issuers(&new.jwt).await {
+                        Ok(jwt) => {
+                            self.state.jwt.store(Arc::new(jwt));
+                            self.running.jwt = new.jwt.clone();
+                            report
+                                .applied
+                                .push(format!("auth.jwt ({} issuers)", new.jwt.len()));
+                        }
+                        // `running.jwt` stays: the next reload tries again.
+                        Err(e) => report
+                            .failed
+                            .push(format!("auth.jwt: {e} (previous issuers kept)")),
+                    }
+                }
+                if reloadable.contains(&"auth.mtls") {
+                    self.state.mtls_roles.store(Arc::new(new.mtls_roles.clone()));
+                    self.running.mtls_roles = new.mtls_roles.clone();
+                    report
+                        .applied
+                        .push(format!("auth.mtls ({} identities)", new.mtls_roles.len()));
+                }
+                if reloadable.contains(&"rbac") {
+                    self.state.rbac.store(Arc::new(new.rbac.clone()));
+                    self.running.rbac = new.rbac.clone();
+                    report.applied.push("rbac".to_owned());
                 }
             }
         }
@@ -254,6 +289,21 @@ impl Reloader {
     }
 }
 
+/// The issuers of `configs`, keys loaded (blocking I/O, so on a blocking
+/// thread); `None` when there are none.
+async fn load_issuers(
+    configs: &[crate::config::JwtIssuerConfig],
+) -> Result<Option<Arc<crate::auth::JwtAuth>>, String> {
+    if configs.is_empty() {
+        return Ok(None);
+    }
+    let configs = configs.to_vec();
+    tokio::task::spawn_blocking(move || crate::auth::JwtAuth::load(&configs))
+        .await
+        .map_err(|e| format!("loading the issuers did not finish: {e}"))?
+        .map(|j| Some(Arc::new(j)))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
@@ -285,6 +335,23 @@ mod tests {
         let (reloadable, ignored) = changed_sections(&a, &b);
         assert_eq!(reloadable, ["rate_limits"]);
         assert_eq!(ignored, ["inference.listen", "limits", "tracing"]);
+    }
+
+    #[test]
+    fn issuers_the_client_certificate_map_and_roles_are_reloadable() {
+        let a = config("");
+        let b = config(
+            "[[auth.jwt]]\nissuer = \"https://idp\"\naudiences = [\"moat\"]\njwks_file = \"/j.json\"\n\
+             [rbac.roles.user]\npermissions = [\"models:read\"]\n",
+        );
+        let (reloadable, ignored) = changed_sections(&a, &b);
+        assert_eq!(reloadable, ["auth.jwt", "rbac"]);
+        assert!(ignored.is_empty(), "{ignored:?}");
+        // Set directly: a config with `[auth.mtls]` validates only with
+        // TLS certificate files in place.
+        let mut c = a.clone();
+        c.mtls_roles.insert("spiffe://a".into(), moat_guard::Role::User);
+        assert_eq!(changed_sections(&a, &c), (vec!["auth.mtls"], vec![]));
     }
 
     #[test]

@@ -25,8 +25,10 @@ pub struct AppState {
     /// Read with [`AppState::engines`] / [`AppState::engine`]: one read
     /// lock and an `Arc` clone per request; writers are management calls.
     pub engines: RwLock<Arc<EngineMap>>,
-    /// Role → permissions (`[rbac]`).
-    pub rbac: moat_guard::Rbac,
+    /// Role → permissions (`[rbac]`); swapped whole when SIGHUP brings a
+    /// new `[rbac]`. A request reads it through [`AppState::rbac_for`], so
+    /// every check of one request sees the same version.
+    pub rbac: crate::reload::Swappable<moat_guard::Rbac>,
     /// Models configured but refused at load, with the reason.
     pub refused: Vec<(String, String)>,
     /// Unix time the models were loaded (the `created` of `/v1/models`).
@@ -41,10 +43,12 @@ pub struct AppState {
     /// cannot be written durably is refused (503).
     pub audit: Option<Arc<AuditLog>>,
     pub audit_fail_closed: bool,
-    /// JWT issuers (`[[auth.jwt]]`), when any are configured.
-    pub jwt: Option<Arc<crate::auth::JwtAuth>>,
-    /// Client-certificate principal → role (`[auth.mtls]`).
-    pub mtls_roles: BTreeMap<String, moat_guard::Role>,
+    /// JWT issuers (`[[auth.jwt]]`), when any are configured; swapped
+    /// whole when SIGHUP brings new issuers (the JWKS watcher follows).
+    pub jwt: crate::reload::Swappable<Option<Arc<crate::auth::JwtAuth>>>,
+    /// Client-certificate principal → role (`[auth.mtls]`); swapped whole
+    /// at reload.
+    pub mtls_roles: crate::reload::Swappable<BTreeMap<String, moat_guard::Role>>,
     /// Longest wait for a response head (`limits.request_timeout`).
     pub request_timeout: std::time::Duration,
     /// Swapped whole when SIGHUP brings new `[rate_limits]`.
@@ -58,6 +62,13 @@ pub struct AppState {
     /// OTLP trace export (`[tracing]`), when configured.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
+
+/// The `[rbac]` version a request was authenticated under: set by the
+/// authentication layer with the principal, so that a reload between two
+/// layers (or a layer and the handler) cannot change the rules halfway
+/// through one request.
+#[derive(Clone)]
+pub struct RbacSnapshot(pub Arc<moat_guard::Rbac>);
 
 /// Shutdown phases, observable by handlers.
 #[derive(Debug, Clone)]
@@ -107,6 +118,16 @@ impl AppState {
         let out = f(&mut next);
         *guard = Arc::new(next);
         out
+    }
+
+    /// The roles a request is checked against: the version its
+    /// authentication took, or the current one for a request that has none
+    /// (a public route).
+    pub fn rbac_for(&self, extensions: &axum::http::Extensions) -> Arc<moat_guard::Rbac> {
+        match extensions.get::<RbacSnapshot>() {
+            Some(s) => s.0.clone(),
+            None => self.rbac.load(),
+        }
     }
 
     pub fn keyring(&self) -> Arc<Keyring> {

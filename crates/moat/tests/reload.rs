@@ -5,6 +5,11 @@
 //! certificate, the reloadable config section is applied and the others are
 //! reported as ignored (log and audit), and the held connection and its
 //! stream carry on to `[DONE]` and serve another request afterwards.
+//!
+//! Then the authentication and authorization sections: a JWT issuer added
+//! by SIGHUP (refused before, accepted after; a broken one changes nothing),
+//! role permissions changed in `[rbac]`, and a client certificate mapped in
+//! `[auth.mtls]`, each named as applied in the `config.reload` record.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,11 +19,14 @@
 )]
 
 mod common;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use p256::ecdsa::signature::Signer as _;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -314,5 +322,236 @@ fn a_config_that_does_not_validate_changes_nothing_and_is_audited_as_an_error() 
         .call()
         .unwrap();
     assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "600");
+    assert_eq!(server.stop(), 0);
+}
+
+/// The `n`th (1-based) `config.reload` audit record, waiting for it.
+fn nth_reload(server: &Server, store: &Path, n: usize) -> Value {
+    let mut found = Value::Null;
+    let ok = wait_until(Duration::from_secs(15), || {
+        if let Some(r) = audit_records(store)
+            .into_iter()
+            .filter(|r| r["action"] == "config.reload")
+            .nth(n - 1)
+        {
+            found = r;
+        }
+        !found.is_null()
+    });
+    assert!(ok, "no config.reload record #{n}; log:\n{}", server.log_text());
+    found
+}
+
+fn sighup(server: &Server) {
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn es_key(seed: u8) -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap()
+}
+
+/// A JWKS holding the public half of `es_key(seed)` as `kid`.
+fn jwks(seed: u8, kid: &str) -> String {
+    let point = es_key(seed).verifying_key().to_sec1_point(false);
+    let b = point.as_bytes();
+    json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig",
+           "x": URL_SAFE_NO_PAD.encode(&b[1..33]), "y": URL_SAFE_NO_PAD.encode(&b[33..65])}]})
+    .to_string()
+}
+
+/// An ES256 token from `iss` (key `es_key(seed)`, id `kid`) for audience
+/// `moat`, valid for ten minutes.
+fn token(seed: u8, kid: &str, iss: &str, groups: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+    let claims = json!({"iss": iss, "sub": "alice", "aud": "moat", "exp": now + 600, "iat": now,
+                        "groups": groups});
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig: p256::ecdsa::Signature = es_key(seed).sign(input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+}
+
+#[test]
+fn sighup_adds_a_jwt_issuer_only_when_it_loads_and_changes_role_permissions() {
+    let t = tmp();
+    let store = t.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let (_, user_key) = create_key(&store, "user", None);
+    let jwks_a = t.path().join("jwks-a.json");
+    let jwks_b = t.path().join("jwks-b.json");
+    std::fs::write(&jwks_a, jwks(1, "a1")).unwrap();
+    std::fs::write(&jwks_b, jwks(2, "b1")).unwrap();
+    let issuer = |iss: &str, file: &Path, roles: &str| {
+        format!(
+            "[[auth.jwt]]\nissuer = \"{iss}\"\naudiences = [\"moat\"]\nalgorithms = [\"ES256\"]\n\
+             jwks_file = \"{}\"\n{roles}",
+            file.display()
+        )
+    };
+    let cfg_v1 = format!(
+        "home = \"{}\"\n[[models]]\nname = \"absent\"\n{}",
+        store.display(),
+        issuer("https://idp-a.test", &jwks_a, "")
+    );
+    let server = Server::start(t.path(), &cfg_v1);
+    let config_path = t.path().join(format!("moat-{}.toml", std::process::id()));
+    let url = format!("{}/v1/models", server.base);
+    // Issuer A's tokens map to `user` (no role claim); issuer B's `ops`
+    // group to `admin`.
+    let tok_a = token(1, "a1", "https://idp-a.test", &[]);
+    let tok_b = token(2, "b1", "https://idp-b.test", &["ops"]);
+    let b_roles = "role_claim = \"groups\"\nroles = { \"ops\" = \"admin\" }\n";
+
+    assert_eq!(get(&url, Some(&tok_a)).0, 200);
+    let (status, body) = get(&url, Some(&tok_b));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.to_string().contains("not trusted"), "{body}");
+    assert_eq!(get(&url, Some(&user_key)).0, 200);
+
+    // A second issuer whose JWKS file is missing: reported as failed, and
+    // the issuers in force stay as they were.
+    let missing = t.path().join("nowhere.json");
+    replace(
+        &config_path,
+        &format!("{cfg_v1}{}", issuer("https://idp-b.test", &missing, b_roles)),
+    );
+    sighup(&server);
+    let r1 = nth_reload(&server, &store, 1);
+    assert_eq!(r1["outcome"], "error", "{r1}");
+    let reason = r1["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("failed: auth.jwt: auth.jwt[1] (https://idp-b.test)")
+            && reason.contains("previous issuers kept"),
+        "{reason}"
+    );
+    assert!(!reason.contains("applied: auth.jwt"), "{reason}");
+    assert_eq!(get(&url, Some(&tok_a)).0, 200, "issuer A still accepted");
+    assert_eq!(get(&url, Some(&tok_b)).0, 401, "issuer B still refused");
+
+    // The issuer fixed, and `user` loses `inference`.
+    replace(
+        &config_path,
+        &format!(
+            "{cfg_v1}{}[rbac.roles.user]\npermissions = [\"models:read\"]\n",
+            issuer("https://idp-b.test", &jwks_b, b_roles)
+        ),
+    );
+    sighup(&server);
+    let r2 = nth_reload(&server, &store, 2);
+    assert_eq!(r2["outcome"], "ok", "{r2}");
+    assert_eq!(r2["principal"], "signal:SIGHUP");
+    let reason = r2["reason"].as_str().unwrap();
+    assert!(reason.contains("auth.jwt (2 issuers)"), "{reason}");
+    assert!(reason.contains("rbac"), "{reason}");
+    assert!(!reason.contains("ignored"), "{reason}");
+
+    // Issuer B's admin token is accepted now; every `user` is refused the
+    // inference routes, whichever way it authenticated.
+    let (status, body) = get(&url, Some(&tok_b));
+    assert_eq!(status, 200, "{body}");
+    for (what, cred) in [("api key", &user_key), ("issuer A token", &tok_a)] {
+        let (status, body) = get(&url, Some(cred));
+        assert_eq!(status, 403, "{what}: {body}");
+        assert!(
+            body.to_string().contains("lacks the inference permission"),
+            "{what}: {body}"
+        );
+    }
+    assert_eq!(server.stop(), 0);
+}
+
+/// One `GET path` over TLS with a client certificate; the status line.
+fn mtls_get(addr: &str, ca_pem: &str, identity: &(String, String), path: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(identity.0.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(identity.1.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    );
+    let mut s = connect(addr, config);
+    write!(
+        s.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.get_mut().flush().unwrap();
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    line.trim_end().to_owned()
+}
+
+#[test]
+fn sighup_applies_a_new_client_certificate_role_map() {
+    let t = tmp();
+    let store = t.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "moat mtls reload CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let (cert, key, _) = make_cert(&issuer, "server");
+    let d = t.path();
+    std::fs::write(d.join("server.pem"), cert).unwrap();
+    std::fs::write(d.join("server.key"), key).unwrap();
+    std::fs::write(d.join("ca.pem"), &ca_pem).unwrap();
+    let client_identity = |uri: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "client");
+        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
+        let k = KeyPair::generate().unwrap();
+        (p.signed_by(&k, &issuer).unwrap().pem(), k.serialize_pem())
+    };
+    let cfg = |roles: &str| {
+        format!(
+            "home = \"{}\"\n[[models]]\nname = \"absent\"\n[inference.tls]\ncert = \"{d}/server.pem\"\n\
+             key = \"{d}/server.key\"\nclient_auth = \"required\"\nclient_ca = \"{d}/ca.pem\"\n\
+             [auth.mtls]\nroles = {{ {roles} }}\n",
+            store.display(),
+            d = d.display()
+        )
+    };
+    let server = Server::start(t.path(), &cfg("\"spiffe://corp/a\" = \"user\""));
+    let config_path = t.path().join(format!("moat-{}.toml", std::process::id()));
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let a = client_identity("spiffe://corp/a");
+    let b = client_identity("spiffe://corp/b");
+    assert!(mtls_get(&addr, &ca_pem, &a, "/v1/models").contains(" 200"));
+    assert!(mtls_get(&addr, &ca_pem, &b, "/v1/models").contains(" 401"));
+
+    // `a` unmapped, `b` mapped.
+    replace(&config_path, &cfg("\"spiffe://corp/b\" = \"user\""));
+    sighup(&server);
+    let r = nth_reload(&server, &store, 1);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("auth.mtls (1 identities)"), "{reason}");
+    assert!(!reason.contains("ignored"), "{reason}");
+    let status_a = mtls_get(&addr, &ca_pem, &a, "/v1/models");
+    assert!(status_a.contains(" 401"), "{status_a}");
+    let status_b = mtls_get(&addr, &ca_pem, &b, "/v1/models");
+    assert!(status_b.contains(" 200"), "{status_b}");
     assert_eq!(server.stop(), 0);
 }
