@@ -51,6 +51,135 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    /// `[encryption]`: the keyring and what is encrypted with it.
+    #[serde(default)]
+    pub encryption: RawEncryption,
+    /// `[store]`: how promoted model files are stored.
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    pub keyring: Option<PathBuf>,
+    pub encrypt_keys_file: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub encrypt: Option<bool>,
+}
+
+/// Encryption at rest (`[encryption]`, `[store] encrypt`, `[audit] capture`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// The keyring file (default `<home>/keyring.json`); its versions may
+    /// live in AWS KMS (credentials from the `AWS_*` environment).
+    pub keyring: PathBuf,
+    /// Store the API-key file as an envelope under the keyring.
+    pub encrypt_keys_file: bool,
+    /// `moat pull` encrypts the blobs it promotes.
+    pub encrypt_store: bool,
+}
+
+/// The part of a config the CLI's key and store commands use: where the
+/// keys file, keyring and audit log are. Read without validating the rest,
+/// so `moat keys create --config moat.toml` works before any model exists.
+#[derive(Debug, Clone)]
+pub struct CliContext {
+    pub home: PathBuf,
+    pub keys_file: PathBuf,
+    pub encryption: EncryptionConfig,
+    pub audit: Option<AuditConfig>,
+}
+
+impl RawConfig {
+    /// `[encryption]` and `[store]` with defaults under `home` (also used by
+    /// the CLI, which has a store root but may have no full config).
+    pub fn encryption(&self, home: &Path) -> EncryptionConfig {
+        encryption_config(&self.encryption, &self.store, home)
+    }
+
+    /// See [`CliContext`]; `home` is the config's `home`, else `default_home`.
+    pub fn cli_context(&self, default_home: &Path) -> Result<CliContext, ConfigError> {
+        let home = self.home.clone().unwrap_or_else(|| default_home.to_owned());
+        Ok(CliContext {
+            keys_file: self.keys_file.clone().unwrap_or_else(|| home.join("keys.json")),
+            encryption: encryption_config(&self.encryption, &self.store, &home),
+            audit: audit_config(&self.audit, &home)?,
+            home,
+        })
+    }
+}
+
+/// `[audit]` checked, with defaults under `home`; `None` when disabled.
+/// Also used by the CLI, which records key events with only `--config`.
+pub fn audit_config(audit: &RawAudit, home: &Path) -> Result<Option<AuditConfig>, ConfigError> {
+    let a = audit;
+    Ok(match a.enabled.unwrap_or(true) {
+        false => {
+            if a.fail_closed == Some(true) {
+                return Err(invalid(
+                    "audit.fail_closed",
+                    "needs the audit log (audit.enabled = true)",
+                ));
+            }
+            if a.capture == Some(true) {
+                return Err(invalid(
+                    "audit.capture",
+                    "needs the audit log (audit.enabled = true): captures are referenced from its records",
+                ));
+            }
+            None
+        }
+        true => {
+            let max_bytes = a.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES);
+            if max_bytes < 4096 {
+                return Err(invalid("audit.max_bytes", format!("{max_bytes} is below 4096")));
+            }
+            let durable = a.durable.unwrap_or(true);
+            let fail_closed = a.fail_closed.unwrap_or(false);
+            if fail_closed && !durable {
+                return Err(invalid(
+                    "audit.fail_closed",
+                    "needs audit.durable = true (a record must be on disk)",
+                ));
+            }
+            Some(AuditConfig {
+                file: a
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| home.join("audit").join("audit.jsonl")),
+                keys_file: a
+                    .keys_file
+                    .clone()
+                    .unwrap_or_else(|| home.join("audit-keys.json")),
+                max_bytes,
+                stdout: a.stdout.unwrap_or(false),
+                durable,
+                fail_closed,
+                checkpoint_every: a.checkpoint_every.unwrap_or(1000),
+                capture_dir: match a.capture.unwrap_or(false) {
+                    true => Some(
+                        a.capture_dir
+                            .clone()
+                            .unwrap_or_else(|| home.join("audit").join("capture")),
+                    ),
+                    false => None,
+                },
+            })
+        }
+    })
+}
+
+fn encryption_config(e: &RawEncryption, store: &RawStore, home: &Path) -> EncryptionConfig {
+    EncryptionConfig {
+        keyring: e.keyring.clone().unwrap_or_else(|| home.join("keyring.json")),
+        encrypt_keys_file: e.encrypt_keys_file.unwrap_or(false),
+        encrypt_store: store.encrypt.unwrap_or(false),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +226,8 @@ pub struct RawAudit {
     pub durable: Option<bool>,
     pub fail_closed: Option<bool>,
     pub checkpoint_every: Option<u64>,
+    pub capture: Option<bool>,
+    pub capture_dir: Option<PathBuf>,
 }
 
 /// The tamper-evident audit log (`[audit]`).
@@ -109,6 +240,9 @@ pub struct AuditConfig {
     pub durable: bool,
     pub fail_closed: bool,
     pub checkpoint_every: u64,
+    /// Prompt/response capture folder, each record an envelope under the
+    /// keyring; `None` = off (the default).
+    pub capture_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +333,7 @@ pub struct Config {
     /// Client-certificate principal (SAN URI, DNS, e-mail or CN) → role.
     pub mtls_roles: std::collections::BTreeMap<String, moat_guard::Role>,
     pub rate_limits: RateLimitConfig,
+    pub encryption: EncryptionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,41 +382,8 @@ impl RawConfig {
             .or(default_home)
             .ok_or_else(|| invalid("home", "not set, and neither $MOAT_HOME nor $HOME is available"))?;
         let keys_file = self.keys_file.unwrap_or_else(|| home.join("keys.json"));
-        let a = self.audit;
-        let audit = match a.enabled.unwrap_or(true) {
-            false => {
-                if a.fail_closed == Some(true) {
-                    return Err(invalid(
-                        "audit.fail_closed",
-                        "needs the audit log (audit.enabled = true)",
-                    ));
-                }
-                None
-            }
-            true => {
-                let max_bytes = a.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES);
-                if max_bytes < 4096 {
-                    return Err(invalid("audit.max_bytes", format!("{max_bytes} is below 4096")));
-                }
-                let durable = a.durable.unwrap_or(true);
-                let fail_closed = a.fail_closed.unwrap_or(false);
-                if fail_closed && !durable {
-                    return Err(invalid(
-                        "audit.fail_closed",
-                        "needs audit.durable = true (a record must be on disk)",
-                    ));
-                }
-                Some(AuditConfig {
-                    file: a.file.unwrap_or_else(|| home.join("audit").join("audit.jsonl")),
-                    keys_file: a.keys_file.unwrap_or_else(|| home.join("audit-keys.json")),
-                    max_bytes,
-                    stdout: a.stdout.unwrap_or(false),
-                    durable,
-                    fail_closed,
-                    checkpoint_every: a.checkpoint_every.unwrap_or(1000),
-                })
-            }
-        };
+        let encryption = encryption_config(&self.encryption, &self.store, &home);
+        let audit = audit_config(&self.audit, &home)?;
         let addr = |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
             let s = v.unwrap_or_else(|| default.to_owned());
             s.parse()
@@ -404,6 +506,7 @@ impl RawConfig {
         }
         let rate_limits = self.rate_limits.validate()?;
         Ok(Config {
+            encryption,
             inference_access,
             metrics_access,
             limits,

@@ -2,6 +2,8 @@
 //! listener. This crate wires the others together; the rules (what a valid
 //! key is, what a verified model is) live in the crates that own them.
 
+pub mod at_rest;
+pub mod audit_cli;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -87,6 +89,23 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     let mut engines = Vec::new();
     let mut refused = Vec::new();
     let mut reports = Vec::new();
+    // Loaded on first need: a store without encrypted versions needs no
+    // keyring (nor KMS credentials) to serve.
+    let keyring_cell: std::cell::OnceCell<Result<moat_artifact::crypto::Keyring, String>> =
+        std::cell::OnceCell::new();
+    let keyring_for = |dir: &std::path::Path| -> Result<Option<&moat_artifact::crypto::Keyring>, String> {
+        if !dir.join(moat_artifact::store::ENCRYPTED_MARKER).exists() {
+            return Ok(None);
+        }
+        keyring_cell
+            .get_or_init(|| {
+                moat_artifact::crypto::load_keyring(&config.encryption.keyring, |k| std::env::var(k).ok())
+                    .map_err(|e| format!("the model is encrypted and the keyring cannot be loaded: {e}"))
+            })
+            .as_ref()
+            .map(Some)
+            .map_err(Clone::clone)
+    };
     for model in &config.models {
         let name = &model.name;
         let started = std::time::Instant::now();
@@ -95,10 +114,18 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
         let result = store
             .model_dir(name)
             .map_err(|e| e.to_string())
-            .and_then(|dir| report.time(LoadStage::Scan, || rescan(&dir)).map(|()| dir))
-            .and_then(|dir| {
+            .and_then(|dir| keyring_for(&dir).map(|k| (dir, k)))
+            .and_then(|(dir, keyring)| {
+                // Encrypted files cannot be scanned on disk (ciphertext); they
+                // were scanned as plaintext when pulled (docs/security.md).
+                if keyring.is_none() {
+                    report.time(LoadStage::Scan, || rescan(&dir))?;
+                }
+                Ok((dir, keyring))
+            })
+            .and_then(|(dir, keyring)| {
                 report.time(LoadStage::Verify, || {
-                    moat_artifact::verify::load_verified(&dir)
+                    moat_artifact::verify::load_verified_with(&dir, keyring)
                         .map_err(|e| format!("verification failed: {e}"))
                 })
             })
@@ -301,6 +328,25 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
     });
 }
 
+/// Appends CLI audit records spooled while this server holds the log
+/// (see [`audit_cli`]) about once a second.
+fn watch_spool(log: Arc<AuditLog>, a: config::AuditConfig) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (log, a) = (log.clone(), a.clone());
+            let drained = tokio::task::spawn_blocking(move || audit_cli::drain_spool(&log, &a)).await;
+            match drained {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(records = n, "appended spooled CLI audit records"),
+                Ok(Err(e)) => tracing::error!(error = %e, "spooled CLI audit records not appended"),
+                Err(e) => tracing::error!(error = %e, "spool drain task failed"),
+            }
+        }
+    });
+}
+
 /// Re-reads changed JWKS files about once a second.
 fn watch_jwks(jwt: Arc<auth::JwtAuth>) {
     tokio::spawn(async move {
@@ -432,7 +478,11 @@ pub async fn serve(
     bound: Bound,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let keys = KeyStore::new(config.keys_file.clone());
+    let keys =
+        at_rest::key_store(&config.keys_file, &config.encryption).map_err(|message| ServerError::Keys {
+            path: config.keys_file.clone(),
+            message,
+        })?;
     let keyring = keys.keyring().map_err(|e| ServerError::Keys {
         path: config.keys_file.clone(),
         message: e.to_string(),
@@ -523,6 +573,9 @@ pub async fn serve(
     }
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
+        if let Some(a) = &config.audit {
+            watch_spool(log.clone(), a.clone());
+        }
     }
     watch_keys(state.clone(), keys);
 
@@ -630,6 +683,15 @@ async fn lifecycle(log: &AuditLog, config: &Config, state: &AppState) -> Result<
         r.model = Some(name.clone());
         r.reason = Some(reason.clone());
         recs.push(r);
+    }
+    // CLI events recorded while no server ran are on the chain already;
+    // those spooled while a server held the log go on now.
+    if let Some(a) = &config.audit {
+        match audit_cli::drain_spool(log, a) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "appended spooled CLI audit records"),
+            Err(e) => tracing::error!(error = %e, "spooled CLI audit records not appended"),
+        }
     }
     for r in recs {
         if let Err(e) = log.append_async(r).await {
