@@ -143,6 +143,11 @@ pub struct AuditRecord {
     pub client_addr: Option<String>,
     /// [`prompt_hmac`] of the prompt; the prompt itself is never stored here.
     pub prompt_hmac: Option<String>,
+    /// Id of the encrypted prompt/response capture of this request
+    /// (`[audit] capture = true`; `moat audit show-capture ID`). Omitted
+    /// when there is none, so logs without capture keep their line format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
     pub key_version: u32,

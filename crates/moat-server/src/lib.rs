@@ -5,6 +5,7 @@
 pub mod at_rest;
 pub mod audit_cli;
 pub mod auth;
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod listen;
@@ -535,7 +536,25 @@ pub async fn serve(
         tracing::warn!("drain deadline passed: ending the requests still running");
         let _ = deadline_tx.send(true);
     });
+    // Prompt/response capture: sealed under the keyring, so it cannot start
+    // without one (never plaintext on disk).
+    let capture = match config.audit.as_ref().and_then(|a| a.capture_dir.clone()) {
+        None => None,
+        Some(dir) => {
+            let fail = |message: String| ServerError::Audit {
+                path: dir.clone(),
+                message,
+            };
+            let keyring = at_rest::load_keyring(&config.encryption)
+                .map_err(|e| fail(format!("audit.capture needs the keyring: {e}")))?;
+            tracing::info!(dir = %dir.display(), kek_version = keyring.current_version(), "capturing prompts and responses, encrypted");
+            Some(Arc::new(
+                capture::Capture::open(dir.clone(), keyring).map_err(fail)?,
+            ))
+        }
+    };
     let state = Arc::new(AppState {
+        capture,
         engines,
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),

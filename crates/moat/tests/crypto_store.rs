@@ -232,3 +232,115 @@ fn sealed_keys_file_and_cli_events_on_the_audit_chain() {
     ]);
     ok(&o);
 }
+
+#[test]
+fn capture_is_sealed_per_record_and_named_by_the_audit_record() {
+    let t = tmp();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    demo_model(&src, 4);
+    pull_ok(&src, "demo", &store);
+    ok(&keys(&store, &["rotate-kek"]));
+    let (_id, key) = create_key(&store, "user", None);
+    let cfg_text = format!("{}[audit]\ncapture = true\n", config(&store, &["demo"]));
+    let cfg = t.path().join("moat.toml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+
+    let server = Server::start(t.path(), &cfg_text);
+    let (status, body) = chat(&server.base, &key, "demo", serde_json::json!({}));
+    assert_eq!(status, 200, "{body}");
+    let answer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, sse) = chat(&server.base, &key, "demo", serde_json::json!({"stream": true}));
+    assert_eq!(status, 200, "{sse}");
+    assert_eq!(server.stop(), 0);
+
+    let audit = store.join("audit/audit.jsonl");
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<String> = recs
+        .iter()
+        .filter(|r| r["action"] == "inference.chat")
+        .map(|r| {
+            r["capture"]
+                .as_str()
+                .expect("a chat record names its capture")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{recs:?}");
+    // Records without a capture keep the line format (no `capture` member).
+    assert!(
+        recs.iter()
+            .filter(|r| r["action"] == "server.start")
+            .all(|r| r.get("capture").is_none())
+    );
+
+    let dir = store.join("audit/capture");
+    for id in &ids {
+        let raw = std::fs::read(dir.join(format!("{id}.moatenc"))).unwrap();
+        assert!(raw.starts_with(b"MOATENC"));
+        assert!(
+            !String::from_utf8_lossy(&raw).contains("moats"),
+            "prompt in clear on disk"
+        );
+    }
+    let o = run(&[
+        "audit",
+        "show-capture",
+        &ids[0],
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(shown["prompt"][0][1], "Tell me about moats.");
+    assert_eq!(shown["response"], answer.as_str());
+    assert_eq!(
+        shown["finish"].as_str().map(|f| f == "stop" || f == "length"),
+        Some(true),
+        "{shown}"
+    );
+    let o = run(&[
+        "audit",
+        "show-capture",
+        &ids[1],
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let streamed: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        streamed["response"],
+        answer.as_str(),
+        "same greedy answer, streamed"
+    );
+    let o = run(&[
+        "audit",
+        "show-capture",
+        "../../keys",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+
+    // The reads are on the chain, and the chain verifies.
+    let actions = audit_actions(&audit);
+    assert_eq!(
+        actions.iter().filter(|a| *a == "capture.read").count(),
+        3,
+        "{actions:?}"
+    );
+    ok(&run(&[
+        "audit",
+        "verify",
+        audit.to_str().unwrap(),
+        "--keys",
+        store.join("audit-keys.json").to_str().unwrap(),
+    ]));
+}
