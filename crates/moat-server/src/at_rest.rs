@@ -13,14 +13,31 @@ use std::sync::Arc;
 /// The keys file's envelope: [`crypto::seal`] / [`crypto::open`] under the
 /// keyring (a fresh data key per write, wrapped by the current KEK).
 #[derive(Debug)]
-pub struct KeyringCodec(pub Keyring);
+pub enum KeyringCodec {
+    /// A keyring loaded once (a CLI command).
+    Loaded(Box<Keyring>),
+    /// The keyring file read again on every use (the server): after
+    /// `rotate-kek` reseals the keys file under a new version, or a version
+    /// is retired, the running server follows without a restart. The keys
+    /// file changes rarely, so the extra read costs nothing that matters.
+    Reload(EncryptionConfig),
+}
+
+impl KeyringCodec {
+    fn with<T>(&self, f: impl FnOnce(&Keyring) -> Result<T, crypto::CryptoError>) -> Result<T, String> {
+        match self {
+            KeyringCodec::Loaded(k) => f(k).map_err(|e| e.to_string()),
+            KeyringCodec::Reload(enc) => f(&load_keyring(enc)?).map_err(|e| e.to_string()),
+        }
+    }
+}
 
 impl FileCodec for KeyringCodec {
     fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
-        crypto::seal(&self.0, plain).map_err(|e| e.to_string())
+        self.with(|k| crypto::seal(k, plain))
     }
     fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
-        crypto::open(&self.0, sealed).map_err(|e| e.to_string())
+        self.with(|k| crypto::open(k, sealed))
     }
 }
 
@@ -40,11 +57,12 @@ pub fn key_store(keys_file: &Path, enc: &EncryptionConfig) -> Result<KeyStore, S
     if !enc.encrypt_keys_file && !sealed {
         return Ok(store);
     }
-    let keyring = load_keyring(enc).map_err(|e| {
+    // Load once now so a missing or unreadable keyring fails the start.
+    load_keyring(enc).map_err(|e| {
         format!(
             "{}: the keys file is (to be) encrypted, but the keyring cannot be loaded: {e}",
             keys_file.display()
         )
     })?;
-    Ok(store.with_codec(Arc::new(KeyringCodec(keyring)), enc.encrypt_keys_file))
+    Ok(store.with_codec(Arc::new(KeyringCodec::Reload(enc.clone())), enc.encrypt_keys_file))
 }

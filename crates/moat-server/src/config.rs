@@ -547,6 +547,46 @@ mod tests {
     }
 
     #[test]
+    fn encryption_store_and_capture_settings() {
+        let c = check("[[models]]\nname = \"demo\"\n").unwrap();
+        assert_eq!(c.encryption.keyring, PathBuf::from("/h/keyring.json"));
+        assert!(!c.encryption.encrypt_keys_file && !c.encryption.encrypt_store);
+        assert_eq!(
+            c.audit.as_ref().unwrap().capture_dir,
+            None,
+            "capture is off by default"
+        );
+
+        let c = check(
+            "[encryption]\nkeyring = \"/k/ring.json\"\nencrypt_keys_file = true\n[store]\nencrypt = true\n\
+             [audit]\ncapture = true\n[[models]]\nname = \"demo\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.encryption.keyring, PathBuf::from("/k/ring.json"));
+        assert!(c.encryption.encrypt_keys_file && c.encryption.encrypt_store);
+        assert_eq!(
+            c.audit.unwrap().capture_dir,
+            Some(PathBuf::from("/h/audit/capture"))
+        );
+
+        let err = check("[audit]\nenabled = false\ncapture = true\n[[models]]\nname = \"demo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("audit.capture:"), "{err}");
+        let err = check("[store]\nencrypted = true\n[[models]]\nname = \"demo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("encrypted"), "unknown keys are refused: {err}");
+
+        // The CLI's view needs no [[models]].
+        let raw =
+            RawConfig::from_toml("[encryption]\nencrypt_keys_file = true\n", Path::new("m.toml")).unwrap();
+        let ctx = raw.cli_context(Path::new("/store")).unwrap();
+        assert_eq!(ctx.keys_file, PathBuf::from("/store/keys.json"));
+        assert_eq!(ctx.audit.unwrap().file, PathBuf::from("/store/audit/audit.jsonl"));
+    }
+
+    #[test]
     fn access_settings_parse() {
         let c = check(
             "[inference]\nallow_cidrs = [\"10.0.0.0/8\"]\n[limits]\nheader_read_timeout = \"500ms\"\nidle_timeout = 5\n\

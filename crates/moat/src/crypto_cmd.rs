@@ -149,7 +149,7 @@ fn reseal_keys_file(ctx: &CliContext, file: &KeyringFile) -> Result<()> {
         return Ok(());
     }
     let store = moat_guard::keys::KeyStore::new(&ctx.keys_file).with_codec(
-        std::sync::Arc::new(moat_server::at_rest::KeyringCodec(load(file)?)),
+        std::sync::Arc::new(moat_server::at_rest::KeyringCodec::Loaded(Box::new(load(file)?))),
         true,
     );
     let n = store.reseal()?;

@@ -187,12 +187,29 @@ fn sealed_keys_file_and_cli_events_on_the_audit_chain() {
     assert!(wait_until(Duration::from_secs(5), || {
         get(&format!("{}/v1/models", server.base), Some(&key)).0 == 401
     }));
-    assert_eq!(server.stop(), 0);
 
-    // rotate-kek reseals the keys file under version 2; it still opens.
+    // rotate-kek reseals the keys file under version 2 while the server
+    // runs; the server rereads the keyring and follows (a key created
+    // after the rotation works without a restart).
     let o = keys(&store, &["rotate-kek", "--config", c]);
     ok(&o);
     assert!(stdout(&o).contains("resealed (1 keys)"), "{}", stdout(&o));
+    let o = keys(&store, &["create", "--role", "user", "--config", c]);
+    ok(&o);
+    let key2 = stdout(&o).trim().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            get(&format!("{}/v1/models", server.base), Some(&key2)).0 == 200
+        }),
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(server.stop(), 0);
+
+    // Again with no server: version 3, the keys file still opens.
+    let o = keys(&store, &["rotate-kek", "--config", c]);
+    ok(&o);
+    assert!(stdout(&o).contains("resealed (2 keys)"), "{}", stdout(&o));
     ok(&keys(&store, &["retire-kek", "1", "--config", c]));
     let o = keys(&store, &["list", "--config", c]);
     ok(&o);
