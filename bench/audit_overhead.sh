@@ -23,14 +23,15 @@ SIZE_MIB="${SIZE_MIB:-1024}"
 RUNS="${RUNS:-3}"
 trap 'stop_server 2>/dev/null; rm -rf "$WORK"' EXIT
 
-build_release
-(cd "$ROOT" && cargo build --release --locked -p moat-server --example fixed_rate >&2)
-# Private copies: a build in another checkout sharing CARGO_TARGET_DIR must
-# not swap the binaries between runs.
+# One cargo run for both (it holds the target lock throughout), then
+# private copies: a build in another checkout sharing CARGO_TARGET_DIR must
+# not swap the binaries under this run.
+(cd "$ROOT" && cargo build --release --locked -p moat -p moat-server --bin moat --example fixed_rate >&2)
 cp "$MOAT" "$WORK/moat-bin"
 cp "$CARGO_TARGET_DIR/release/examples/fixed_rate" "$WORK/fixed_rate"
 MOAT="$WORK/moat-bin"
 LOAD="$WORK/fixed_rate"
+"$MOAT" pull --help | grep -q -- '--encrypt' || { echo "$MOAT is not this checkout's build (no pull --encrypt)" >&2; exit 2; }
 
 STORE="$WORK/store"
 "$MOAT" demo-model "$WORK/demo" >/dev/null
@@ -117,7 +118,7 @@ with open(path, "wb") as f:
 PY
 "$MOAT" keys rotate-kek --store "$WORK/enc" >/dev/null
 "$MOAT" pull "file://$SRC" --name big --store "$WORK/plain" --progress none >/dev/null
-"$MOAT" pull "file://$SRC" --name big --store "$WORK/enc" --encrypt --progress none >/dev/null 2>&1
+"$MOAT" pull "file://$SRC" --name big --store "$WORK/enc" --encrypt --progress none >/dev/null
 bytes=$(stat -c %s "$SRC/model.safetensors")
 time_verify() { # STORE CPUS → median seconds
   local t=()
