@@ -4,7 +4,8 @@
 //! The live audit file is locked by whichever process writes its chain, so
 //! two writers can never fork it. The CLI therefore takes one of two paths:
 //! - no server holds the log: it opens the log itself (same keys, same
-//!   chain), appends the record durably and closes it;
+//!   chain), appends any records still spooled and then its own, durably,
+//!   and closes it;
 //! - a server holds it: the record is spooled, one fsynced file per record
 //!   in `<audit dir>/spool/` (0600, written under a temporary name and
 //!   renamed), and the server appends spooled records to its chain within
@@ -70,10 +71,12 @@ pub fn record(a: &AuditConfig, rec: AuditRecord) -> Result<Recorded, String> {
     };
     let log = AuditLog::open(vec![Box::new(sink)], load_keys(a)?, options)
         .map_err(|e| format!("{}: {e}", a.file.display()))?;
-    let appended = log.append(rec);
+    // Records spooled for a server that then stopped go first, in order.
+    let drained = drain_spool(&log, a);
+    let appended = drained.and_then(|_| log.append(rec).map_err(|e| e.to_string()));
     let closed = log.close();
     appended
-        .and(closed)
+        .and(closed.map_err(|e| e.to_string()))
         .map_err(|e| format!("{}: {e}", a.file.display()))?;
     Ok(Recorded::Logged(a.file.clone()))
 }
@@ -145,4 +148,72 @@ pub fn drain_spool(log: &AuditLog, a: &AuditConfig) -> Result<usize, String> {
         done += 1;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests: a failed step must abort loudly.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use moat_audit::{Outcome, VerifyOptions, verify_with};
+
+    fn config(dir: &Path) -> AuditConfig {
+        AuditConfig {
+            file: dir.join("audit/audit.jsonl"),
+            keys_file: dir.join("audit-keys.json"),
+            max_bytes: 1 << 20,
+            stdout: false,
+            durable: true,
+            fail_closed: false,
+            checkpoint_every: 0,
+            capture_dir: None,
+        }
+    }
+
+    fn actions(a: &AuditConfig) -> Vec<String> {
+        fs::read_to_string(&a.file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().action)
+            .collect()
+    }
+
+    #[test]
+    fn logged_when_free_spooled_when_held_and_spool_drained_in_order() {
+        let t = tempfile::tempdir().unwrap();
+        let a = config(t.path());
+        let r = record(&a, AuditRecord::new("key.create", Outcome::Ok)).unwrap();
+        assert_eq!(r, Recorded::Logged(a.file.clone()));
+
+        // Another holder of the log (a server): records are spooled.
+        let holder = FileSink::open(a.file.clone(), None).unwrap();
+        let Recorded::Spooled(p1) = record(&a, AuditRecord::new("key.revoke", Outcome::Ok)).unwrap() else {
+            panic!("not spooled while the log is held")
+        };
+        let Recorded::Spooled(_) = record(&a, AuditRecord::new("kek.rotate", Outcome::Ok)).unwrap() else {
+            panic!("not spooled while the log is held")
+        };
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&p1).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::write(spool_dir(&a).join("0-bad.json"), b"not json").unwrap();
+        drop(holder);
+
+        // The next CLI event with the log free appends the spool first.
+        record(&a, AuditRecord::new("kek.retire", Outcome::Ok)).unwrap();
+        assert_eq!(
+            actions(&a),
+            ["key.create", "key.revoke", "kek.rotate", "kek.retire"]
+        );
+        let left: Vec<_> = fs::read_dir(spool_dir(&a))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from("0-bad.bad")],
+            "a bad file is kept aside, not dropped"
+        );
+        let keys = AuditKeys::from_file(&a.keys_file).unwrap();
+        verify_with(&[a.file.clone()], &keys, &VerifyOptions::default()).unwrap();
+    }
 }
