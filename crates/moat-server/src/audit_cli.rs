@@ -214,6 +214,6 @@ mod tests {
             "a bad file is kept aside, not dropped"
         );
         let keys = AuditKeys::from_file(&a.keys_file).unwrap();
-        verify_with(&[a.file.clone()], &keys, &VerifyOptions::default()).unwrap();
+        verify_with(std::slice::from_ref(&a.file), &keys, &VerifyOptions::default()).unwrap();
     }
 }
