@@ -221,6 +221,28 @@ impl std::io::Write for HashSink {
     }
 }
 
+/// A `Vec` writer that refuses to grow past `limit` bytes (it keeps the
+/// first `limit`, then fails the stream).
+struct Capped<'a> {
+    buf: &'a mut Vec<u8>,
+    limit: u64,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit.saturating_sub(self.buf.len() as u64);
+        if room == 0 {
+            return Err(std::io::Error::other("longer than the lock says"));
+        }
+        let n = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        self.buf.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The keyring for `dir` if its files are encrypted; `Ok(None)` if plain.
 fn keyring_for<'k>(dir: &Path, keyring: Option<&'k Keyring>) -> Result<Option<&'k Keyring>, VerifyError> {
     if !dir.join(ENCRYPTED_MARKER).exists() {
@@ -339,13 +361,21 @@ pub fn load_verified_with(dir: &Path, keyring: Option<&Keyring>) -> Result<Verif
             let mut buf = Vec::new();
             let read = match keyring {
                 Some(keyring) => {
-                    // Capacity for the promised size only: a longer
-                    // plaintext still decrypts and then mismatches.
                     buf.reserve(usize::try_from(f.size).unwrap_or(0));
-                    decrypt_into(keyring, &path, &mut buf).map_err(|error| Mismatch::Undecryptable {
-                        path: f.path.clone(),
-                        error,
-                    })
+                    // Like `take(size + 1)` for plain files: a plaintext
+                    // longer than the lock says is a mismatch, and a huge
+                    // one cannot exhaust memory.
+                    let capped = Capped {
+                        buf: &mut buf,
+                        limit: f.size + 1,
+                    };
+                    match decrypt_into(keyring, &path, capped) {
+                        Err(_) if buf.len() as u64 > f.size => Ok(()),
+                        r => r.map_err(|error| Mismatch::Undecryptable {
+                            path: f.path.clone(),
+                            error,
+                        }),
+                    }
                 }
                 None => std::fs::File::open(&path)
                     .and_then(|file| file.take(f.size + 1).read_to_end(&mut buf))

@@ -576,3 +576,22 @@ fn rewrapped_encrypted_blob_still_verifies_after_retirement() {
     file.retire(1, false).unwrap();
     crate::verify::verify_dir_with(&p.dir, Some(&file.load().unwrap())).unwrap();
 }
+
+#[test]
+fn encrypted_blob_longer_than_the_lock_is_a_size_mismatch_without_reading_it_all() {
+    let (_t, store, file) = encrypting_store();
+    let p = promote(&store, "m", "file:///src", &[("w.bin", b"short")]);
+    let keyring = file.load().unwrap();
+    // Replace the blob by a valid encrypted object of other, longer bytes.
+    let blob = store.encrypted_blob_path(&sha256_hex(b"short"));
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&blob, crate::crypto::seal(&keyring, &vec![7u8; 3 << 20]).unwrap()).unwrap();
+    for err in [
+        crate::verify::verify_dir_with(&p.dir, Some(&keyring)).unwrap_err(),
+        crate::verify::load_verified_with(&p.dir, Some(&keyring)).unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(text.contains("w.bin: size"), "{text}");
+        assert!(text.contains("lock says 5"), "{text}");
+    }
+}
