@@ -7,10 +7,18 @@
 //!   hands exactly them to the caller. The engine builds its model from the
 //!   bytes that were checked, so a file swapped on disk after the check
 //!   (time-of-check/time-of-use) can never be what runs.
+//!
+//! A version folder with a `moat.enc` marker holds encrypted objects
+//! (`[store] encrypt`): both entry points then decrypt while hashing (the
+//! `_with` variants take the keyring), and the SHA-256 compared with the
+//! lock is that of the plaintext. A chunk that fails authentication, or a
+//! data key wrapped only by a retired KEK, is a mismatch naming the file
+//! and the chunk or KEK version.
 
+use crate::crypto::{self, Keyring, StreamOptions};
 use crate::hash::{FileDigest, hash_stream, par_map, sha256_hex};
 use crate::lock::{LOCK_FILE, Lock, LockError};
-use crate::store::FILES_DIR;
+use crate::store::{ENCRYPTED_MARKER, FILES_DIR};
 use crate::tree::{EntryKind, walk};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,6 +51,12 @@ pub enum Mismatch {
         path: String,
         error: String,
     },
+    /// An encrypted file that does not decrypt (a corrupted chunk, a
+    /// retired or unknown KEK, a replaced key block).
+    Undecryptable {
+        path: String,
+        error: String,
+    },
 }
 
 impl fmt::Display for Mismatch {
@@ -66,6 +80,7 @@ impl fmt::Display for Mismatch {
                 write!(f, "{path}: sha256 {actual}, lock says {expected}")
             }
             Mismatch::Unreadable { path, error } => write!(f, "{path}: cannot read: {error}"),
+            Mismatch::Undecryptable { path, error } => write!(f, "{path}: cannot decrypt: {error}"),
         }
     }
 }
@@ -78,6 +93,10 @@ pub enum VerifyError {
     Mismatch { dir: PathBuf, mismatches: Vec<Mismatch> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{dir}: the files are encrypted (moat.enc) and no keyring was given; set [encryption] keyring or pass --keyring"
+    )]
+    NeedsKeyring { dir: PathBuf },
 }
 
 impl VerifyError {
@@ -184,8 +203,77 @@ fn read_lock(dir: &Path) -> Result<Lock, VerifyError> {
     Ok(Lock::read(&dir.join(LOCK_FILE))?)
 }
 
+/// A `Write` that hashes and counts what it is given (the plaintext of a
+/// decrypted file) and keeps nothing.
+struct HashSink {
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl std::io::Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(&mut self.hasher, buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A `Vec` writer that refuses to grow past `limit` bytes (it keeps the
+/// first `limit`, then fails the stream).
+struct Capped<'a> {
+    buf: &'a mut Vec<u8>,
+    limit: u64,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit.saturating_sub(self.buf.len() as u64);
+        if room == 0 {
+            return Err(std::io::Error::other("longer than the lock says"));
+        }
+        let n = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        self.buf.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The keyring for `dir` if its files are encrypted; `Ok(None)` if plain.
+fn keyring_for<'k>(dir: &Path, keyring: Option<&'k Keyring>) -> Result<Option<&'k Keyring>, VerifyError> {
+    if !dir.join(ENCRYPTED_MARKER).exists() {
+        return Ok(None);
+    }
+    keyring
+        .map(Some)
+        .ok_or_else(|| VerifyError::NeedsKeyring { dir: dir.to_owned() })
+}
+
+/// Decrypt one encrypted file, handing the plaintext to `out`.
+fn decrypt_into(keyring: &Keyring, path: &Path, out: impl std::io::Write) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    crypto::decrypt_stream(
+        keyring,
+        std::io::BufReader::with_capacity(1 << 20, file),
+        out,
+        &StreamOptions::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 /// Stream-verify a stored model folder (`models/NAME`) against its lock.
 pub fn verify_dir(dir: &Path) -> Result<Lock, VerifyError> {
+    verify_dir_with(dir, None)
+}
+
+/// [`verify_dir`], decrypting an encrypted version folder with `keyring`.
+pub fn verify_dir_with(dir: &Path, keyring: Option<&Keyring>) -> Result<Lock, VerifyError> {
+    let keyring = keyring_for(dir, keyring)?;
     let lock = read_lock(dir)?;
     let mut mismatches = check_file_set(dir, &lock)?;
     let files_dir = dir.join(FILES_DIR);
@@ -198,19 +286,36 @@ pub fn verify_dir(dir: &Path) -> Result<Lock, VerifyError> {
         &todo,
         |f| f.size,
         |f| {
+            let path = files_dir.join(&f.path);
+            if let Some(keyring) = keyring {
+                let mut sink = HashSink {
+                    hasher: sha2::Sha256::default(),
+                    size: 0,
+                };
+                return decrypt_into(keyring, &path, &mut sink)
+                    .map(|()| FileDigest {
+                        size: sink.size,
+                        sha256: hex::encode(sha2::Digest::finalize(sink.hasher)),
+                    })
+                    .map_err(|error| Mismatch::Undecryptable {
+                        path: f.path.clone(),
+                        error,
+                    });
+            }
             // Read at most one byte more than promised: a grown file is a size
             // mismatch, and a huge one cannot stall the check.
-            std::fs::File::open(files_dir.join(&f.path))
+            std::fs::File::open(path)
                 .and_then(|file| hash_stream(file.take(f.size + 1), None))
+                .map_err(|e| Mismatch::Unreadable {
+                    path: f.path.clone(),
+                    error: e.to_string(),
+                })
         },
     );
     for (f, r) in todo.iter().zip(results) {
         match r {
             Ok(d) => mismatches.extend(compare(&f.path, f, &d)),
-            Err(e) => mismatches.push(Mismatch::Unreadable {
-                path: f.path.clone(),
-                error: e.to_string(),
-            }),
+            Err(m) => mismatches.push(m),
         }
     }
     finish(dir, lock, mismatches)
@@ -235,6 +340,13 @@ fn mismatch_error(dir: &Path, mut mismatches: Vec<Mismatch>) -> VerifyError {
 /// Read, hash and check every file of a stored model (one read per file, all
 /// cores); on success the model's bytes are returned as a [`VerifiedModel`].
 pub fn load_verified(dir: &Path) -> Result<VerifiedModel, VerifyError> {
+    load_verified_with(dir, None)
+}
+
+/// [`load_verified`], decrypting an encrypted version folder with
+/// `keyring`: the bytes handed over are the authenticated plaintext.
+pub fn load_verified_with(dir: &Path, keyring: Option<&Keyring>) -> Result<VerifiedModel, VerifyError> {
+    let keyring = keyring_for(dir, keyring)?;
     let lock = read_lock(dir)?;
     let mut mismatches = check_file_set(dir, &lock)?;
     if !mismatches.is_empty() {
@@ -245,16 +357,41 @@ pub fn load_verified(dir: &Path) -> Result<VerifiedModel, VerifyError> {
         &lock.files,
         |f| f.size,
         |f| {
+            let path = files_dir.join(&f.path);
             let mut buf = Vec::new();
-            std::fs::File::open(files_dir.join(&f.path))
-                .and_then(|file| file.take(f.size + 1).read_to_end(&mut buf))
-                .map(|_| {
-                    let d = FileDigest {
-                        size: buf.len() as u64,
-                        sha256: sha256_hex(&buf),
+            let read = match keyring {
+                Some(keyring) => {
+                    buf.reserve(usize::try_from(f.size).unwrap_or(0));
+                    // Like `take(size + 1)` for plain files: a plaintext
+                    // longer than the lock says is a mismatch, and a huge
+                    // one cannot exhaust memory.
+                    let capped = Capped {
+                        buf: &mut buf,
+                        limit: f.size + 1,
                     };
-                    (buf, d)
-                })
+                    match decrypt_into(keyring, &path, capped) {
+                        Err(_) if buf.len() as u64 > f.size => Ok(()),
+                        r => r.map_err(|error| Mismatch::Undecryptable {
+                            path: f.path.clone(),
+                            error,
+                        }),
+                    }
+                }
+                None => std::fs::File::open(&path)
+                    .and_then(|file| file.take(f.size + 1).read_to_end(&mut buf))
+                    .map(|_| ())
+                    .map_err(|e| Mismatch::Unreadable {
+                        path: f.path.clone(),
+                        error: e.to_string(),
+                    }),
+            };
+            read.map(|()| {
+                let d = FileDigest {
+                    size: buf.len() as u64,
+                    sha256: sha256_hex(&buf),
+                };
+                (buf, d)
+            })
         },
     );
     let mut files = BTreeMap::new();
@@ -266,10 +403,7 @@ pub fn load_verified(dir: &Path) -> Result<VerifiedModel, VerifyError> {
                     files.insert(f.path.clone(), buf);
                 }
             },
-            Err(e) => mismatches.push(Mismatch::Unreadable {
-                path: f.path.clone(),
-                error: e.to_string(),
-            }),
+            Err(m) => mismatches.push(m),
         }
     }
     let lock = finish(dir, lock, mismatches)?;

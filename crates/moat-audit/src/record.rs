@@ -59,6 +59,16 @@ pub mod action {
     pub const MODEL_REFUSE: &str = "model.refuse";
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
+    /// `moat keys encrypt`: the API-key file sealed under the keyring.
+    pub const KEYS_ENCRYPT: &str = "keys.encrypt";
+    /// `moat keys rotate-kek`: a new KEK version is current.
+    pub const KEK_ROTATE: &str = "kek.rotate";
+    /// `moat keys retire-kek`: a KEK version can no longer unwrap.
+    pub const KEK_RETIRE: &str = "kek.retire";
+    /// `moat keys rewrap`: data keys moved to the current KEK version.
+    pub const KEK_REWRAP: &str = "kek.rewrap";
+    /// `moat audit show-capture`: an admin decrypted a captured exchange.
+    pub const CAPTURE_READ: &str = "capture.read";
     pub const TOTP_ENROL: &str = "totp.enrol";
     pub const CONFIG_RELOAD: &str = "config.reload";
     pub const SERVER_START: &str = "server.start";
@@ -133,6 +143,11 @@ pub struct AuditRecord {
     pub client_addr: Option<String>,
     /// [`prompt_hmac`] of the prompt; the prompt itself is never stored here.
     pub prompt_hmac: Option<String>,
+    /// Id of the encrypted prompt/response capture of this request
+    /// (`[audit] capture = true`; `moat audit show-capture ID`). Omitted
+    /// when there is none, so logs without capture keep their line format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
     pub key_version: u32,

@@ -10,6 +10,14 @@
 //! rename) under an advisory lock so concurrent `moat keys` commands cannot
 //! lose each other's changes. A running server re-reads it when it changes,
 //! so a revocation takes effect without a restart.
+//!
+//! At rest the file may be sealed (`[encryption] encrypt_keys_file`): the
+//! same JSON inside an AES-256-GCM envelope whose data key the keyring's KEK
+//! wraps. The cipher lives in moat-artifact; this crate sees it only as a
+//! [`FileCodec`], so it stays free of key management. A sealed file starts
+//! with the envelope magic `MOATENC` and a JSON one with `{`, so the two are
+//! told apart without a flag, and a plain file keeps working until its next
+//! write (or `moat keys encrypt`) seals it.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -147,15 +155,63 @@ fn secret_hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// The first bytes of a sealed keys file (the moat envelope magic).
+pub const SEALED_MAGIC: &[u8] = b"MOATENC";
+
+/// Seals and opens the keys file's bytes (an envelope under a keyring).
+/// Errors are messages naming the KEK version or the fault, never secrets.
+pub trait FileCodec: Send + Sync + fmt::Debug {
+    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String>;
+    fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// Whether the keys file at `path` is sealed (false if absent or plain).
+pub fn is_sealed(path: &Path) -> io::Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 7];
+    match fs::File::open(path) {
+        Ok(mut f) => Ok(f.read_exact(&mut head).is_ok() && head == SEALED_MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The keys file on disk.
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     path: PathBuf,
+    /// Opens a sealed file; with `seal`, every write seals.
+    codec: Option<std::sync::Arc<dyn FileCodec>>,
+    seal: bool,
 }
 
 impl KeyStore {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            codec: None,
+            seal: false,
+        }
+    }
+
+    /// Open sealed files with `codec`; when `seal_writes`, every write seals
+    /// the file (so a plain file is migrated by its next change).
+    pub fn with_codec(mut self, codec: std::sync::Arc<dyn FileCodec>, seal_writes: bool) -> Self {
+        self.codec = Some(codec);
+        self.seal = seal_writes;
+        self
+    }
+
+    /// Rewrite the file under the current key (a fresh data key wrapped by
+    /// the keyring's current KEK): `moat keys encrypt`, and after
+    /// `rotate-kek`. Needs a codec and `seal_writes`.
+    pub fn reseal(&self) -> Result<usize, KeyError> {
+        if self.codec.is_none() || !self.seal {
+            return Err(KeyError::Invalid(
+                "sealing the keys file needs the keyring ([encryption] keyring)".into(),
+            ));
+        }
+        self.update(|keys| Ok(keys.len()))
     }
 
     pub fn path(&self) -> &Path {
@@ -171,11 +227,21 @@ impl KeyStore {
 
     /// All records; a missing file is an empty set.
     pub fn records(&self) -> Result<Vec<KeyRecord>, KeyError> {
-        let text = match fs::read(&self.path) {
+        let mut text = match fs::read(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.io()(e)),
         };
+        if text.starts_with(SEALED_MAGIC) {
+            let codec = self.codec.as_ref().ok_or_else(|| KeyError::Format {
+                path: self.path.clone(),
+                message: "the file is encrypted; set [encryption] keyring (or --keyring) to open it".into(),
+            })?;
+            text = codec.open(&text).map_err(|message| KeyError::Format {
+                path: self.path.clone(),
+                message: format!("cannot decrypt: {message}"),
+            })?;
+        }
         let file: KeyFile = serde_json::from_slice(&text).map_err(|e| KeyError::Format {
             path: self.path.clone(),
             message: e.to_string(),
@@ -208,6 +274,12 @@ impl KeyStore {
         })
         .map_err(|e| KeyError::Invalid(e.to_string()))?;
         body.push(b'\n');
+        if let Some(codec) = self.codec.as_ref().filter(|_| self.seal) {
+            body = codec.seal(&body).map_err(|message| KeyError::Format {
+                path: self.path.clone(),
+                message: format!("cannot encrypt: {message}"),
+            })?;
+        }
         moat_fs::write_atomic(&self.path, &body).map_err(self.io())?;
         Ok(out)
     }
@@ -491,5 +563,54 @@ mod tests {
         for bad in ["", "d", "5", "5w", "-1d", "0d", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A stand-in for the real envelope (moat-artifact's AES-256-GCM, tested
+    /// end to end in crates/moat/tests/crypto_keys.rs): magic + XOR, enough
+    /// to show which path seals and which opens.
+    #[derive(Debug)]
+    struct XorCodec;
+
+    impl FileCodec for XorCodec {
+        fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+            let mut out = SEALED_MAGIC.to_vec();
+            out.extend(plain.iter().map(|b| b ^ 0x5a));
+            Ok(out)
+        }
+        fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
+            let body = sealed.strip_prefix(SEALED_MAGIC).ok_or("no magic")?;
+            Ok(body.iter().map(|b| b ^ 0x5a).collect())
+        }
+    }
+
+    #[test]
+    fn plain_file_is_sealed_on_next_write_and_needs_the_codec_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let plain = KeyStore::new(&path);
+        let k1 = plain.create(Role::User, vec![], None).unwrap();
+        assert!(!is_sealed(&path).unwrap());
+
+        // Reading through a codec that does not seal leaves the file plain.
+        let codec: std::sync::Arc<dyn FileCodec> = std::sync::Arc::new(XorCodec);
+        let reader = KeyStore::new(&path).with_codec(codec.clone(), false);
+        assert_eq!(reader.records().unwrap().len(), 1);
+        assert!(reader.reseal().is_err(), "sealing needs seal_writes");
+
+        let sealing = KeyStore::new(&path).with_codec(codec, true);
+        let k2 = sealing.create(Role::Admin, vec![], None).unwrap();
+        assert!(is_sealed(&path).unwrap());
+        let raw = fs::read(&path).unwrap();
+        assert!(
+            !raw.windows(16).any(|w| w == k1.record.id.as_bytes()),
+            "ids are not in clear"
+        );
+        let ids: Vec<String> = sealing.records().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![k1.record.id.clone(), k2.record.id.clone()]);
+
+        // Without the codec a sealed file is a clear error, not an empty set.
+        let err = plain.records().unwrap_err().to_string();
+        assert!(err.contains("encrypted") && err.contains("keys.json"), "{err}");
+        assert_eq!(sealing.reseal().unwrap(), 2);
     }
 }

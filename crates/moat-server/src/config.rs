@@ -63,6 +63,135 @@ pub struct RawConfig {
     /// `[tracing]`: OTLP trace export (off unless an endpoint is set).
     #[serde(default)]
     pub tracing: tracing::RawTracing,
+    /// `[encryption]`: the keyring and what is encrypted with it.
+    #[serde(default)]
+    pub encryption: RawEncryption,
+    /// `[store]`: how promoted model files are stored.
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    pub keyring: Option<PathBuf>,
+    pub encrypt_keys_file: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub encrypt: Option<bool>,
+}
+
+/// Encryption at rest (`[encryption]`, `[store] encrypt`, `[audit] capture`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// The keyring file (default `<home>/keyring.json`); its versions may
+    /// live in AWS KMS (credentials from the `AWS_*` environment).
+    pub keyring: PathBuf,
+    /// Store the API-key file as an envelope under the keyring.
+    pub encrypt_keys_file: bool,
+    /// `moat pull` encrypts the blobs it promotes.
+    pub encrypt_store: bool,
+}
+
+/// The part of a config the CLI's key and store commands use: where the
+/// keys file, keyring and audit log are. Read without validating the rest,
+/// so `moat keys create --config moat.toml` works before any model exists.
+#[derive(Debug, Clone)]
+pub struct CliContext {
+    pub home: PathBuf,
+    pub keys_file: PathBuf,
+    pub encryption: EncryptionConfig,
+    pub audit: Option<AuditConfig>,
+}
+
+impl RawConfig {
+    /// `[encryption]` and `[store]` with defaults under `home` (also used by
+    /// the CLI, which has a store root but may have no full config).
+    pub fn encryption(&self, home: &Path) -> EncryptionConfig {
+        encryption_config(&self.encryption, &self.store, home)
+    }
+
+    /// See [`CliContext`]; `home` is the config's `home`, else `default_home`.
+    pub fn cli_context(&self, default_home: &Path) -> Result<CliContext, ConfigError> {
+        let home = self.home.clone().unwrap_or_else(|| default_home.to_owned());
+        Ok(CliContext {
+            keys_file: self.keys_file.clone().unwrap_or_else(|| home.join("keys.json")),
+            encryption: encryption_config(&self.encryption, &self.store, &home),
+            audit: audit_config(&self.audit, &home)?,
+            home,
+        })
+    }
+}
+
+/// `[audit]` checked, with defaults under `home`; `None` when disabled.
+/// Also used by the CLI, which records key events with only `--config`.
+pub fn audit_config(audit: &RawAudit, home: &Path) -> Result<Option<AuditConfig>, ConfigError> {
+    let a = audit;
+    Ok(match a.enabled.unwrap_or(true) {
+        false => {
+            if a.fail_closed == Some(true) {
+                return Err(invalid(
+                    "audit.fail_closed",
+                    "needs the audit log (audit.enabled = true)",
+                ));
+            }
+            if a.capture == Some(true) {
+                return Err(invalid(
+                    "audit.capture",
+                    "needs the audit log (audit.enabled = true): captures are referenced from its records",
+                ));
+            }
+            None
+        }
+        true => {
+            let max_bytes = a.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES);
+            if max_bytes < 4096 {
+                return Err(invalid("audit.max_bytes", format!("{max_bytes} is below 4096")));
+            }
+            let durable = a.durable.unwrap_or(true);
+            let fail_closed = a.fail_closed.unwrap_or(false);
+            if fail_closed && !durable {
+                return Err(invalid(
+                    "audit.fail_closed",
+                    "needs audit.durable = true (a record must be on disk)",
+                ));
+            }
+            Some(AuditConfig {
+                file: a
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| home.join("audit").join("audit.jsonl")),
+                keys_file: a
+                    .keys_file
+                    .clone()
+                    .unwrap_or_else(|| home.join("audit-keys.json")),
+                max_bytes,
+                stdout: a.stdout.unwrap_or(false),
+                durable,
+                fail_closed,
+                checkpoint_every: a.checkpoint_every.unwrap_or(1000),
+                capture_dir: match a.capture.unwrap_or(false) {
+                    true => Some(
+                        a.capture_dir
+                            .clone()
+                            .unwrap_or_else(|| home.join("audit").join("capture")),
+                    ),
+                    false => None,
+                },
+            })
+        }
+    })
+}
+
+fn encryption_config(e: &RawEncryption, store: &RawStore, home: &Path) -> EncryptionConfig {
+    EncryptionConfig {
+        keyring: e.keyring.clone().unwrap_or_else(|| home.join("keyring.json")),
+        encrypt_keys_file: e.encrypt_keys_file.unwrap_or(false),
+        encrypt_store: store.encrypt.unwrap_or(false),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +238,8 @@ pub struct RawAudit {
     pub durable: Option<bool>,
     pub fail_closed: Option<bool>,
     pub checkpoint_every: Option<u64>,
+    pub capture: Option<bool>,
+    pub capture_dir: Option<PathBuf>,
 }
 
 /// The tamper-evident audit log (`[audit]`).
@@ -121,6 +252,9 @@ pub struct AuditConfig {
     pub durable: bool,
     pub fail_closed: bool,
     pub checkpoint_every: u64,
+    /// Prompt/response capture folder, each record an envelope under the
+    /// keyring; `None` = off (the default).
+    pub capture_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +366,7 @@ pub struct Config {
     pub rbac: moat_guard::Rbac,
     /// OTLP trace export; `None` when off.
     pub tracing: Option<tracing::TracingConfig>,
+    pub encryption: EncryptionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,41 +415,8 @@ impl RawConfig {
             .or(default_home)
             .ok_or_else(|| invalid("home", "not set, and neither $MOAT_HOME nor $HOME is available"))?;
         let keys_file = self.keys_file.unwrap_or_else(|| home.join("keys.json"));
-        let a = self.audit;
-        let audit = match a.enabled.unwrap_or(true) {
-            false => {
-                if a.fail_closed == Some(true) {
-                    return Err(invalid(
-                        "audit.fail_closed",
-                        "needs the audit log (audit.enabled = true)",
-                    ));
-                }
-                None
-            }
-            true => {
-                let max_bytes = a.max_bytes.unwrap_or(DEFAULT_AUDIT_MAX_BYTES);
-                if max_bytes < 4096 {
-                    return Err(invalid("audit.max_bytes", format!("{max_bytes} is below 4096")));
-                }
-                let durable = a.durable.unwrap_or(true);
-                let fail_closed = a.fail_closed.unwrap_or(false);
-                if fail_closed && !durable {
-                    return Err(invalid(
-                        "audit.fail_closed",
-                        "needs audit.durable = true (a record must be on disk)",
-                    ));
-                }
-                Some(AuditConfig {
-                    file: a.file.unwrap_or_else(|| home.join("audit").join("audit.jsonl")),
-                    keys_file: a.keys_file.unwrap_or_else(|| home.join("audit-keys.json")),
-                    max_bytes,
-                    stdout: a.stdout.unwrap_or(false),
-                    durable,
-                    fail_closed,
-                    checkpoint_every: a.checkpoint_every.unwrap_or(1000),
-                })
-            }
-        };
+        let encryption = encryption_config(&self.encryption, &self.store, &home);
+        let audit = audit_config(&self.audit, &home)?;
         let addr = |key: &str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
             let s = v.unwrap_or_else(|| default.to_owned());
             s.parse()
@@ -491,6 +593,7 @@ impl RawConfig {
             management,
             rbac,
             tracing,
+            encryption,
             inference_access,
             metrics_access,
             limits,
@@ -528,6 +631,46 @@ mod tests {
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:8082");
         assert_eq!(c.keys_file, PathBuf::from("/h/keys.json"));
         assert_eq!(c.public_routes, vec!["/health"]);
+    }
+
+    #[test]
+    fn encryption_store_and_capture_settings() {
+        let c = check("[[models]]\nname = \"demo\"\n").unwrap();
+        assert_eq!(c.encryption.keyring, PathBuf::from("/h/keyring.json"));
+        assert!(!c.encryption.encrypt_keys_file && !c.encryption.encrypt_store);
+        assert_eq!(
+            c.audit.as_ref().unwrap().capture_dir,
+            None,
+            "capture is off by default"
+        );
+
+        let c = check(
+            "[encryption]\nkeyring = \"/k/ring.json\"\nencrypt_keys_file = true\n[store]\nencrypt = true\n\
+             [audit]\ncapture = true\n[[models]]\nname = \"demo\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.encryption.keyring, PathBuf::from("/k/ring.json"));
+        assert!(c.encryption.encrypt_keys_file && c.encryption.encrypt_store);
+        assert_eq!(
+            c.audit.unwrap().capture_dir,
+            Some(PathBuf::from("/h/audit/capture"))
+        );
+
+        let err = check("[audit]\nenabled = false\ncapture = true\n[[models]]\nname = \"demo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("audit.capture:"), "{err}");
+        let err = check("[store]\nencrypted = true\n[[models]]\nname = \"demo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("encrypted"), "unknown keys are refused: {err}");
+
+        // The CLI's view needs no [[models]].
+        let raw =
+            RawConfig::from_toml("[encryption]\nencrypt_keys_file = true\n", Path::new("m.toml")).unwrap();
+        let ctx = raw.cli_context(Path::new("/store")).unwrap();
+        assert_eq!(ctx.keys_file, PathBuf::from("/store/keys.json"));
+        assert_eq!(ctx.audit.unwrap().file, PathBuf::from("/store/audit/audit.jsonl"));
     }
 
     #[test]

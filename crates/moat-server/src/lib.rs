@@ -2,7 +2,10 @@
 //! listener. This crate wires the others together; the rules (what a valid
 //! key is, what a verified model is) live in the crates that own them.
 
+pub mod at_rest;
+pub mod audit_cli;
 pub mod auth;
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod listen;
@@ -91,6 +94,23 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
     let mut engines = Vec::new();
     let mut refused = Vec::new();
     let mut reports = Vec::new();
+    // Loaded on first need: a store without encrypted versions needs no
+    // keyring (nor KMS credentials) to serve.
+    let keyring_cell: std::cell::OnceCell<Result<moat_artifact::crypto::Keyring, String>> =
+        std::cell::OnceCell::new();
+    let keyring_for = |dir: &std::path::Path| -> Result<Option<&moat_artifact::crypto::Keyring>, String> {
+        if !dir.join(moat_artifact::store::ENCRYPTED_MARKER).exists() {
+            return Ok(None);
+        }
+        keyring_cell
+            .get_or_init(|| {
+                moat_artifact::crypto::load_keyring(&config.encryption.keyring, |k| std::env::var(k).ok())
+                    .map_err(|e| format!("the model is encrypted and the keyring cannot be loaded: {e}"))
+            })
+            .as_ref()
+            .map(Some)
+            .map_err(Clone::clone)
+    };
     for model in &config.models {
         let name = &model.name;
         if let config::ModelBackend::Upstream(pool) = &model.backend {
@@ -115,15 +135,20 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
         let started = std::time::Instant::now();
         let mut report = ModelLoadReport::new(name.as_str());
         // The active version's folder, as `models/NAME/current` names it now.
-        let result = store.model_dir(name).map_err(|e| e.to_string()).and_then(|dir| {
-            load_model(
-                name.as_str(),
-                &dir,
-                model.signature.as_deref(),
-                config.engine.clone(),
-                &mut report,
-            )
-        });
+        let result = store
+            .model_dir(name)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| keyring_for(&dir).map(|k| (dir, k)))
+            .and_then(|(dir, keyring)| {
+                load_model(
+                    name.as_str(),
+                    &dir,
+                    keyring,
+                    model.signature.as_deref(),
+                    config.engine.clone(),
+                    &mut report,
+                )
+            });
         report.seconds = started.elapsed().as_secs_f64();
         report.loaded = result.is_ok();
         reports.push(report);
@@ -157,13 +182,19 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
 pub fn load_model(
     name: &str,
     dir: &std::path::Path,
+    keyring: Option<&moat_artifact::crypto::Keyring>,
     signature: Option<&moat_artifact::policy::SignaturePolicy>,
     engine: moat_engine::generate::EngineOptions,
     report: &mut ModelLoadReport,
 ) -> Result<Engine, String> {
-    report.time(LoadStage::Scan, || rescan(dir))?;
+    // Encrypted files cannot be scanned on disk (ciphertext); they were
+    // scanned as plaintext when pulled (docs/security.md).
+    if keyring.is_none() {
+        report.time(LoadStage::Scan, || rescan(dir))?;
+    }
     let m = report.time(LoadStage::Verify, || {
-        moat_artifact::verify::load_verified(dir).map_err(|e| format!("verification failed: {e}"))
+        moat_artifact::verify::load_verified_with(dir, keyring)
+            .map_err(|e| format!("verification failed: {e}"))
     })?;
     let m = match signature {
         None => m,
@@ -357,6 +388,25 @@ fn watch_keys(state: Arc<AppState>, store: KeyStore) {
     });
 }
 
+/// Appends CLI audit records spooled while this server holds the log
+/// (see [`audit_cli`]) about once a second.
+fn watch_spool(log: Arc<AuditLog>, a: config::AuditConfig) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (log, a) = (log.clone(), a.clone());
+            let drained = tokio::task::spawn_blocking(move || audit_cli::drain_spool(&log, &a)).await;
+            match drained {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(records = n, "appended spooled CLI audit records"),
+                Ok(Err(e)) => tracing::error!(error = %e, "spooled CLI audit records not appended"),
+                Err(e) => tracing::error!(error = %e, "spool drain task failed"),
+            }
+        }
+    });
+}
+
 /// Re-reads changed JWKS files, and re-fetches URL and discovery JWKS
 /// whose refresh interval has passed, about once a second. It works on the
 /// issuers in force at each tick, so issuers swapped in by a reload are
@@ -503,7 +553,11 @@ pub async fn serve(
     bound: Bound,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let keys = KeyStore::new(config.keys_file.clone());
+    let keys =
+        at_rest::key_store(&config.keys_file, &config.encryption).map_err(|message| ServerError::Keys {
+            path: config.keys_file.clone(),
+            message,
+        })?;
     let key_records = keys.records().map_err(|e| ServerError::Keys {
         path: config.keys_file.clone(),
         message: e.to_string(),
@@ -571,9 +625,27 @@ pub async fn serve(
         tracing::warn!("drain deadline passed: ending the requests still running");
         let _ = deadline_tx.send(true);
     });
+    // Prompt/response capture: sealed under the keyring, so it cannot start
+    // without one (never plaintext on disk).
+    let capture = match config.audit.as_ref().and_then(|a| a.capture_dir.clone()) {
+        None => None,
+        Some(dir) => {
+            let fail = |message: String| ServerError::Audit {
+                path: dir.clone(),
+                message,
+            };
+            let keyring = at_rest::load_keyring(&config.encryption)
+                .map_err(|e| fail(format!("audit.capture needs the keyring: {e}")))?;
+            tracing::info!(dir = %dir.display(), kek_version = keyring.current_version(), "capturing prompts and responses, encrypted");
+            Some(Arc::new(
+                capture::Capture::open(dir.clone(), keyring).map_err(fail)?,
+            ))
+        }
+    };
     let state = Arc::new(AppState {
         engines: RwLock::new(Arc::new(engines)),
         rbac: reload::Swappable::new(config.rbac.clone()),
+        capture,
         refused: models.refused,
         loaded_at: moat_guard::keys::now_unix(),
         keyring: RwLock::new(Arc::new(moat_guard::Keyring::default())),
@@ -611,6 +683,9 @@ pub async fn serve(
     watch_jwks(state.clone());
     if let Some(log) = &audit {
         lifecycle(log, config, &state).await?;
+        if let Some(a) = &config.audit {
+            watch_spool(log.clone(), a.clone());
+        }
     }
     let tls: Vec<_> = [
         ("inference", bound.inference_tls.clone()),
@@ -622,7 +697,7 @@ pub async fn serve(
     .collect();
     reload::Reloader {
         state: state.clone(),
-        keys: KeyStore::new(config.keys_file.clone()),
+        keys: keys.clone(),
         tls: tls.clone(),
         running: config.clone(),
     }
@@ -760,6 +835,15 @@ async fn lifecycle(log: &AuditLog, config: &Config, state: &AppState) -> Result<
         r.model = Some(name.clone());
         r.reason = Some(reason.clone());
         recs.push(r);
+    }
+    // CLI events recorded while no server ran are on the chain already;
+    // those spooled while a server held the log go on now.
+    if let Some(a) = &config.audit {
+        match audit_cli::drain_spool(log, a) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "appended spooled CLI audit records"),
+            Err(e) => tracing::error!(error = %e, "spooled CLI audit records not appended"),
+        }
     }
     for r in recs {
         if let Err(e) = log.append_async(r).await {

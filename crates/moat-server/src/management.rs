@@ -64,6 +64,9 @@ pub struct Management {
     /// over the API must satisfy the same signer rule as at start.
     pub signatures: BTreeMap<String, Arc<SignaturePolicy>>,
     pub keys: KeyStore,
+    /// Encryption at rest: pulls seal blobs when `[store] encrypt`, and
+    /// encrypted versions load through the keyring.
+    pub encryption: crate::config::EncryptionConfig,
     totp: Mutex<TotpState>,
     pub drain_timeout: Duration,
     pub public_routes: Vec<String>,
@@ -95,7 +98,8 @@ impl Management {
                 .iter()
                 .filter_map(|c| c.signature.clone().map(|s| (c.name.to_string(), s)))
                 .collect(),
-            keys: KeyStore::new(config.keys_file.clone()),
+            keys: crate::at_rest::key_store(&config.keys_file, &config.encryption)?,
+            encryption: config.encryption.clone(),
             totp: Mutex::new(TotpState {
                 stamp: crate::file_stamp(&m.totp_file),
                 store: totp,
@@ -261,7 +265,28 @@ fn model_name(name: &str) -> Result<ModelName, ApiError> {
 }
 
 fn open_store(m: &Management) -> Result<Store, ApiError> {
-    Store::open(&m.home).map_err(|e| ApiError::internal(format!("store {}: {e}", m.home.display())))
+    let store =
+        Store::open(&m.home).map_err(|e| ApiError::internal(format!("store {}: {e}", m.home.display())))?;
+    if !m.encryption.encrypt_store {
+        return Ok(store);
+    }
+    let keyring = crate::at_rest::load_keyring(&m.encryption)
+        .map_err(|e| ApiError::internal(format!("[store] encrypt needs the keyring: {e}")))?;
+    Ok(store.with_keyring(keyring))
+}
+
+/// The keyring when the version at `dir` is encrypted, else `None` (a plain
+/// store needs no keyring, nor KMS credentials).
+fn keyring_for(
+    enc: &crate::config::EncryptionConfig,
+    dir: &std::path::Path,
+) -> Result<Option<moat_artifact::crypto::Keyring>, String> {
+    if !dir.join(moat_artifact::store::ENCRYPTED_MARKER).exists() {
+        return Ok(None);
+    }
+    crate::at_rest::load_keyring(enc)
+        .map(Some)
+        .map_err(|e| format!("the model is encrypted and the keyring cannot be loaded: {e}"))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
@@ -457,6 +482,7 @@ async fn add_model(
         ..PullRequest::default()
     };
     let opts = m.engine.clone();
+    let enc = m.encryption.clone();
     let model = req.name.clone();
     let loaded = blocking(move || {
         let outcome = moat_artifact::pull::pull(&store, &pull_req).map_err(pull_error)?;
@@ -467,7 +493,16 @@ async fn add_model(
         };
         let mut report = ModelLoadReport::new(&model);
         let started = std::time::Instant::now();
-        let engine = crate::load_model(&model, &dir, signature.as_deref(), opts, &mut report);
+        let engine = keyring_for(&enc, &dir).and_then(|keyring| {
+            crate::load_model(
+                &model,
+                &dir,
+                keyring.as_ref(),
+                signature.as_deref(),
+                opts,
+                &mut report,
+            )
+        });
         report.seconds = started.elapsed().as_secs_f64();
         report.loaded = engine.is_ok();
         Ok::<_, ApiError>((lock, dir, engine, report))
@@ -543,6 +578,7 @@ async fn switch_model(
     let store = open_store(&m)?;
     let signature = m.signatures.get(&name).cloned();
     let opts = m.engine.clone();
+    let enc = m.encryption.clone();
     let n = name.clone();
     let loaded = blocking(move || {
         let not_found = |e: moat_artifact::store::StoreError| {
@@ -562,7 +598,16 @@ async fn switch_model(
         let dir = store.version_dir(&model, &version);
         let mut report = ModelLoadReport::new(&n);
         let started = std::time::Instant::now();
-        let engine = crate::load_model(&n, &dir, signature.as_deref(), opts, &mut report);
+        let engine = keyring_for(&enc, &dir).and_then(|keyring| {
+            crate::load_model(
+                &n,
+                &dir,
+                keyring.as_ref(),
+                signature.as_deref(),
+                opts,
+                &mut report,
+            )
+        });
         report.seconds = started.elapsed().as_secs_f64();
         report.loaded = engine.is_ok();
         // `current` moves only once the version has verified and loaded.

@@ -284,6 +284,14 @@ pub async fn chat_completions(
                 .keys()
                 .prompt_hmac(&serde_json::to_string(&canonical).unwrap_or_default()),
         );
+        if state.capture.is_some() {
+            ctx.set_capture_prompt(
+                canonical
+                    .iter()
+                    .map(|[r, c]| [(*r).to_owned(), (*c).to_owned()])
+                    .collect(),
+            );
+        }
     }
     let stream = req.stream == Some(true);
     // The embedded engine validates and queues at once; an upstream pool
@@ -349,6 +357,14 @@ async fn complete_response(
                 ctx.mark_generation_done();
                 ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                 timer.finish(&state.metrics, engine.name());
+                // Sealed and on disk before the response (and its record).
+                ctx.write_capture(
+                    engine.name(),
+                    content.clone(),
+                    reasoning.clone(),
+                    finish_reason.as_str(),
+                )
+                .await;
                 let mut message = json!({"role": "assistant", "content": content});
                 if !reasoning.is_empty() {
                     message["reasoning_content"] = Value::String(reasoning);
@@ -414,6 +430,11 @@ fn stream_response(
         };
         // `false` when the client went away; dropping `events` then stops
         // the worker for this request.
+        // What the client was sent, for the capture (when on).
+        let capturing = state.capture.is_some();
+        let mut sent_content = String::new();
+        let mut sent_reasoning = String::new();
+        let mut finish = "incomplete";
         let delivered = 'stream: {
             if !send(chunk(json!({"role": "assistant", "content": ""}), None)).await {
                 break 'stream false;
@@ -443,6 +464,10 @@ fn stream_response(
                     } => {
                         timer.tokens(tokens);
                         ctx.set_completion_tokens(tokens);
+                        if capturing {
+                            sent_content.push_str(&content);
+                            sent_reasoning.push_str(&reasoning);
+                        }
                         let delta = if reasoning.is_empty() {
                             json!({"content": content})
                         } else {
@@ -456,6 +481,7 @@ fn stream_response(
                         ctx.mark_generation_done();
                         ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                         timer.finish(&state.metrics, &model);
+                        finish = finish_reason.as_str();
                         if !send(chunk(json!({}), Some(finish_reason))).await {
                             break 'stream false;
                         }
@@ -471,6 +497,7 @@ fn stream_response(
                     }
                     Event::Error(e) => {
                         ctx.set_error("inference_error");
+                        finish = "error";
                         let _ = send(ApiError::internal(e).body()).await;
                         break;
                     }
@@ -478,6 +505,11 @@ fn stream_response(
             }
             true
         };
+        if !delivered {
+            finish = "client_disconnected";
+        }
+        ctx.write_capture(&model, sent_content, sent_reasoning, finish)
+            .await;
         if !delivered {
             ctx.set_error("client_disconnected");
             return;

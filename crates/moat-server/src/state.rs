@@ -49,6 +49,8 @@ pub struct AppState {
     /// Client-certificate principal → role (`[auth.mtls]`); swapped whole
     /// at reload.
     pub mtls_roles: crate::reload::Swappable<BTreeMap<String, moat_guard::Role>>,
+    /// Encrypted prompt/response capture (`[audit] capture`), when on.
+    pub capture: Option<Arc<crate::capture::Capture>>,
     /// Longest wait for a response head (`limits.request_timeout`).
     pub request_timeout: std::time::Duration,
     /// Swapped whole when SIGHUP brings new `[rate_limits]`.
@@ -160,6 +162,11 @@ struct Fields {
     model: Option<String>,
     model_digest: Option<String>,
     prompt_hmac: Option<String>,
+    /// Capture on: the request's messages, until the exchange ends.
+    capture_prompt: Option<Vec<[String; 2]>>,
+    /// This request is captured (set with the prompt, kept after the
+    /// capture is written so the record still names it).
+    captured: bool,
     status: u16,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -287,6 +294,42 @@ impl RequestContext {
         self.with(|f| f.prompt_hmac = Some(mac));
     }
 
+    /// Capture on: remember the messages; the audit record then names the
+    /// capture (its id is the request id).
+    pub fn set_capture_prompt(&self, prompt: Vec<[String; 2]>) {
+        self.with(|f| {
+            f.capture_prompt = Some(prompt);
+            f.captured = true;
+        });
+    }
+
+    /// Capture on: seal and write the exchange (blocking work off the
+    /// runtime). A failure is logged; the record still names the id, so a
+    /// missing capture is visible to an auditor.
+    pub async fn write_capture(&self, model: &str, response: String, reasoning: String, finish: &str) {
+        let Some(capture) = self.state.capture.clone() else {
+            return;
+        };
+        let (prompt, principal) = self.with(|f| (f.capture_prompt.take(), f.key_id.clone()));
+        let Some(prompt) = prompt else { return };
+        let rec = crate::capture::CaptureRecord {
+            request_id: self.request_id.clone(),
+            time: moat_audit::now_rfc3339(),
+            principal,
+            model: model.to_owned(),
+            prompt,
+            response,
+            reasoning,
+            finish: finish.to_owned(),
+        };
+        let id = self.request_id.clone();
+        match tokio::task::spawn_blocking(move || capture.write(&rec)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(request_id = %id, error = %e, "capture not written"),
+            Err(e) => tracing::error!(request_id = %id, error = %e, "capture task failed"),
+        }
+    }
+
     /// The audit record of this request's decision, as known now (the
     /// response status is set; stream token counts may still grow).
     pub fn audit_record(&self, client: Option<String>) -> AuditRecord {
@@ -342,6 +385,9 @@ impl RequestContext {
             }
             rec.client_addr = client;
             rec.prompt_hmac = f.prompt_hmac.clone();
+            if f.captured {
+                rec.capture = Some(self.request_id.clone());
+            }
             rec
         })
     }

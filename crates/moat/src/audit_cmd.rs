@@ -1,6 +1,10 @@
 //! `moat audit verify`: check the hash chain and MACs of audit log files.
 //! Exit codes: 0 intact, 1 tampered (the first bad record is named on
 //! stderr), 2 usage or I/O error (unreadable file, bad keys file).
+//!
+//! `moat audit show-capture ID`: decrypt one prompt/response capture (an
+//! admin tool; the read is itself an audit record when the log is
+//! configured).
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -12,6 +16,25 @@ use std::process::ExitCode;
 pub enum AuditCommand {
     /// Check an audit log (0 intact, 1 tampered, 2 error).
     Verify(VerifyArgs),
+    /// Decrypt and print one captured exchange (`[audit] capture`), by the
+    /// id in its audit record's `capture` field.
+    ShowCapture(ShowCaptureArgs),
+}
+
+#[derive(Args)]
+pub struct ShowCaptureArgs {
+    id: String,
+    /// Config file: the capture folder, keyring and audit log.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Capture folder (default: the config's audit.capture_dir).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Keyring (default: the config's [encryption] keyring).
+    #[arg(long, value_name = "FILE")]
+    keyring: Option<PathBuf>,
+    #[command(flatten)]
+    store: crate::cli::StoreArg,
 }
 
 #[derive(Args)]
@@ -33,6 +56,45 @@ pub struct VerifyArgs {
 pub fn run(cmd: AuditCommand) -> Result<ExitCode> {
     match cmd {
         AuditCommand::Verify(args) => verify(args),
+        AuditCommand::ShowCapture(args) => show_capture(args),
+    }
+}
+
+fn show_capture(args: ShowCaptureArgs) -> Result<ExitCode> {
+    let ctx = crate::crypto_cmd::context(args.config.as_deref(), None, &args.store)?;
+    let dir = match (args.dir, ctx.audit.as_ref()) {
+        (Some(d), _) => d,
+        (None, Some(a)) => a
+            .capture_dir
+            .clone()
+            .unwrap_or_else(|| ctx.home.join("audit").join("capture")),
+        (None, None) => anyhow::bail!("pass --config (with [audit] capture) or --dir"),
+    };
+    let keyring_path = args.keyring.unwrap_or_else(|| ctx.encryption.keyring.clone());
+    let keyring = moat_artifact::crypto::load_keyring(&keyring_path, |k| std::env::var(k).ok())?;
+    let result = moat_server::capture::read(&dir, &keyring, &args.id);
+    // Reading a capture is an access to archived prompts: record it, also
+    // when it failed (someone tried).
+    crate::crypto_cmd::audit(
+        &ctx,
+        moat_audit::action::CAPTURE_READ,
+        args.id.clone(),
+        if result.is_ok() {
+            moat_audit::Outcome::Ok
+        } else {
+            moat_audit::Outcome::Error
+        },
+        result.as_ref().err().cloned(),
+    )?;
+    match result {
+        Ok(rec) => {
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("moat: {e}");
+            Ok(ExitCode::from(1))
+        }
     }
 }
 

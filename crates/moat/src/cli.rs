@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use moat_artifact::crypto::KeyringFile;
 use moat_artifact::download::{DownloadOptions, ProgressMode};
 use moat_artifact::policy::SignaturePolicy;
 use moat_artifact::pull::{PullOutcome, PullRequest, pull};
@@ -9,7 +10,7 @@ use moat_artifact::source::Env;
 use moat_artifact::source::policy::SourcePolicy;
 use moat_artifact::{Store, verify};
 use moat_engine::demo::{DemoOptions, Preset, WeightDtype, write_demo_model};
-use moat_guard::keys::{KeyStore, Role, parse_duration};
+use moat_guard::keys::{Role, parse_duration};
 use moat_server::config::{Config, RawConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -78,6 +79,14 @@ enum Command {
         /// otherwise (auto), or none.
         #[arg(long, default_value = "auto", value_parser = ["auto", "bars", "json", "none"])]
         progress: String,
+        /// Store the files encrypted (chunked AES-256-GCM under the keyring;
+        /// also on with `[store] encrypt = true` in --config).
+        #[arg(long)]
+        encrypt: bool,
+        /// Keyring for --encrypt (default: the config's [encryption]
+        /// keyring, else <store>/keyring.json).
+        #[arg(long, value_name = "FILE")]
+        keyring: Option<PathBuf>,
         #[command(flatten)]
         signature: SignaturePolicyArgs,
         #[command(flatten)]
@@ -93,6 +102,10 @@ enum Command {
     /// Re-hash a stored model (NAME) or a model folder (PATH) against its lock.
     Verify {
         target: String,
+        /// Keyring to decrypt an encrypted version (default: the config's
+        /// [encryption] keyring, else <store>/keyring.json).
+        #[arg(long, value_name = "FILE")]
+        keyring: Option<PathBuf>,
         #[command(flatten)]
         signature: SignaturePolicyArgs,
         #[command(flatten)]
@@ -109,9 +122,13 @@ enum Command {
     Keys {
         #[command(subcommand)]
         cmd: KeysCommand,
-        /// Keys file (default: <store>/keys.json).
+        /// Keys file (default: the config's keys_file, else <store>/keys.json).
         #[arg(long, global = true, value_name = "FILE")]
         keys_file: Option<PathBuf>,
+        /// Config file: its keys file, [encryption] keyring and [audit] log
+        /// (changes are then audit records on the server's chain).
+        #[arg(long, global = true, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -294,6 +311,9 @@ enum KeysCommand {
         #[arg(long, global = true, value_name = "FILE")]
         totp_file: Option<PathBuf>,
     },
+    /// Seal the keys file under the keyring ([encryption] keyring), or
+    /// reseal it under the current KEK version.
+    Encrypt,
     // Key-encryption keys for encryption at rest: rotate-kek, rewrap, retire-kek, list-keks.
     #[command(flatten)]
     Kek(crate::crypto_cmd::KekCommand),
@@ -335,18 +355,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             jobs,
             retries,
             progress,
+            encrypt,
+            keyring,
             signature,
             store,
         } => {
+            let root = store.root()?;
+            let mut keyring_path = KeyringFile::default_path(&root);
+            let mut encrypt = encrypt;
             let policy = match &signature.config {
                 Some(path) => {
                     let raw = RawConfig::read(path)?;
+                    let enc = raw.encryption(&root);
+                    encrypt |= enc.encrypt_store;
+                    keyring_path = enc.keyring;
                     raw.sources
                         .validate("sources")
                         .map_err(|(key, message)| anyhow::anyhow!("{}: {key}: {message}", path.display()))?
                 }
                 None => SourcePolicy::default(),
             };
+            let keyring_path = keyring.unwrap_or(keyring_path);
             let locked = match locked {
                 Some(p) => Some(moat_artifact::Lock::read(&p)?),
                 None => None,
@@ -355,7 +384,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = &signature {
                 eprintln!("moat: requiring a signature by {} in {}", p.describe(), p.file);
             }
-            let store = Store::open(&store.root()?).context("cannot open the store")?;
+            let mut store = Store::open(&root).context("cannot open the store")?;
+            if encrypt {
+                let keyring = moat_artifact::crypto::load_keyring(&keyring_path, |k| std::env::var(k).ok())?;
+                eprintln!(
+                    "moat: storing encrypted under KEK version {} of {}",
+                    keyring.current_version(),
+                    keyring_path.display()
+                );
+                store = store.with_keyring(keyring);
+            }
             let req = PullRequest {
                 source,
                 name,
@@ -384,9 +422,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models { cmd, store } => crate::models_cmd::run(cmd, &store),
         Command::Verify {
             target,
+            keyring,
             signature,
             store,
-        } => verify_cmd(&target, signature, &store),
+        } => verify_cmd(&target, keyring, signature, &store),
         Command::Scan { paths, format } => {
             let report = moat_scan::scan_paths(&paths);
             print!(
@@ -406,35 +445,29 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }))
         }
         Command::Keys {
-            cmd: KeysCommand::Kek(cmd),
-            store,
-            ..
-        } => crate::crypto_cmd::run(cmd, &store),
-        Command::Keys {
             cmd: KeysCommand::Totp { cmd, totp_file },
             keys_file,
+            config,
             store,
         } => {
-            let keys_path = match keys_file {
-                Some(p) => p,
-                None => store.root()?.join("keys.json"),
-            };
+            let ctx = crate::crypto_cmd::context(config.as_deref(), keys_file, &store)?;
             let totp_path = match totp_file {
                 Some(p) => p,
                 None => store.root()?.join("totp.json"),
             };
-            totp(cmd, &KeyStore::new(keys_path), &totp_path)
+            totp(cmd, &ctx, &totp_path)
         }
         Command::Keys {
             cmd,
             keys_file,
+            config,
             store,
         } => {
-            let path = match keys_file {
-                Some(p) => p,
-                None => store.root()?.join("keys.json"),
-            };
-            keys(cmd, &KeyStore::new(path))
+            let ctx = crate::crypto_cmd::context(config.as_deref(), keys_file, &store)?;
+            match cmd {
+                KeysCommand::Kek(cmd) => crate::crypto_cmd::run(cmd, &store, &ctx),
+                cmd => keys(cmd, &ctx),
+            }
         }
         Command::Sign { cmd } => crate::signing_cmd::sign(cmd),
         Command::VerifySignature { cmd } => crate::signing_cmd::verify(cmd),
@@ -511,7 +544,34 @@ fn report_pull(result: Result<PullOutcome, moat_artifact::PullError>) -> ExitCod
     }
 }
 
-fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) -> Result<ExitCode> {
+/// The keyring for an encrypted version folder: `--keyring`, else the
+/// config's `[encryption] keyring`, else `<store>/keyring.json`; `None`
+/// for a plain folder (no keyring is loaded then).
+fn verify_keyring(
+    dir: &Path,
+    flag: Option<PathBuf>,
+    config: Option<&Path>,
+    store: &StoreArg,
+) -> Result<Option<moat_artifact::crypto::Keyring>> {
+    if !dir.join(moat_artifact::store::ENCRYPTED_MARKER).exists() {
+        return Ok(None);
+    }
+    let path = match (flag, config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => RawConfig::read(c)?.encryption(&store.root()?).keyring,
+        (None, None) => KeyringFile::default_path(&store.root()?),
+    };
+    let keyring = moat_artifact::crypto::load_keyring(&path, |k| std::env::var(k).ok())
+        .with_context(|| format!("{} holds encrypted files", dir.display()))?;
+    Ok(Some(keyring))
+}
+
+fn verify_cmd(
+    target: &str,
+    keyring: Option<PathBuf>,
+    signature: SignaturePolicyArgs,
+    store: &StoreArg,
+) -> Result<ExitCode> {
     let dir = if target.contains('/') || Path::new(target).is_dir() {
         PathBuf::from(target)
     } else {
@@ -520,8 +580,9 @@ fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) ->
         // The active version (`models/NAME/current`).
         store.model_dir(&name)?
     };
+    let keyring = verify_keyring(&dir, keyring, signature.config.as_deref(), store)?;
     let started = std::time::Instant::now();
-    match verify::verify_dir(&dir) {
+    match verify::verify_dir_with(&dir, keyring.as_ref()) {
         Ok(lock) => {
             let bytes: u64 = lock.files.iter().map(|f| f.size).sum();
             let secs = started.elapsed().as_secs_f64();
@@ -537,9 +598,15 @@ fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) ->
             };
             // Only a signature file the lock lists (and so just verified) counts.
             let bundle = match lock.file(&policy.file) {
-                Some(_) => Some(std::fs::read(
-                    dir.join(moat_artifact::store::FILES_DIR).join(&policy.file),
-                )?),
+                Some(_) => {
+                    let path = dir.join(moat_artifact::store::FILES_DIR).join(&policy.file);
+                    let bytes = std::fs::read(&path)?;
+                    Some(match &keyring {
+                        Some(k) => moat_artifact::crypto::open(k, &bytes)
+                            .with_context(|| format!("{}", path.display()))?,
+                        None => bytes,
+                    })
+                }
                 None => None,
             };
             match policy.check(bundle.as_deref(), &lock.files) {
@@ -567,7 +634,13 @@ fn verify_cmd(target: &str, signature: SignaturePolicyArgs, store: &StoreArg) ->
     }
 }
 
-fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
+fn keys(cmd: KeysCommand, ctx: &moat_server::config::CliContext) -> Result<ExitCode> {
+    use moat_audit::{Outcome, action};
+    let mut encryption = ctx.encryption.clone();
+    if matches!(cmd, KeysCommand::Encrypt) {
+        encryption.encrypt_keys_file = true;
+    }
+    let store = &moat_server::at_rest::key_store(&ctx.keys_file, &encryption).map_err(anyhow::Error::msg)?;
     match cmd {
         KeysCommand::Create {
             role,
@@ -591,6 +664,21 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
                 key.record.id, key.record.role
             );
             println!("{}", key.secret);
+            crate::crypto_cmd::audit(
+                ctx,
+                action::KEY_CREATE,
+                key.record.id.clone(),
+                Outcome::Ok,
+                Some(format!(
+                    "role {}, models {}",
+                    key.record.role,
+                    if key.record.models.is_empty() {
+                        "*".to_owned()
+                    } else {
+                        key.record.models.join(",")
+                    }
+                )),
+            )?;
         }
         KeysCommand::List => {
             let now = moat_guard::keys::now_unix();
@@ -625,6 +713,22 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
         KeysCommand::Revoke { id } => {
             let rec = store.revoke(&id)?;
             println!("revoked {}", rec.id);
+            crate::crypto_cmd::audit(ctx, action::KEY_REVOKE, rec.id, Outcome::Ok, None)?;
+        }
+        KeysCommand::Encrypt => {
+            let n = store.reseal()?;
+            println!(
+                "{}: sealed ({n} keys) under {}; set [encryption] encrypt_keys_file = true so writes stay sealed",
+                store.path().display(),
+                encryption.keyring.display()
+            );
+            crate::crypto_cmd::audit(
+                ctx,
+                action::KEYS_ENCRYPT,
+                store.path().display().to_string(),
+                Outcome::Ok,
+                None,
+            )?;
         }
         KeysCommand::Kek(_) => bail!("KEK commands are dispatched before the keys file is opened"),
         KeysCommand::Totp { .. } => bail!("TOTP commands are dispatched before the keys file is opened"),
@@ -634,8 +738,11 @@ fn keys(cmd: KeysCommand, store: &KeyStore) -> Result<ExitCode> {
 
 /// `moat keys totp enroll|remove`. A key id must exist in the keys file
 /// (a typo would otherwise enrol a principal nobody is).
-fn totp(cmd: TotpCommand, keys: &KeyStore, path: &Path) -> Result<ExitCode> {
+fn totp(cmd: TotpCommand, ctx: &moat_server::config::CliContext, path: &Path) -> Result<ExitCode> {
+    use moat_audit::{Outcome, action};
     use moat_guard::totp::{TotpStore, otpauth_uri, qr_for_terminal};
+    let keys =
+        &moat_server::at_rest::key_store(&ctx.keys_file, &ctx.encryption).map_err(anyhow::Error::msg)?;
     let principal = |key: Option<String>, principal: Option<String>| -> Result<String> {
         match (key, principal) {
             (Some(id), _) => {
@@ -663,6 +770,7 @@ fn totp(cmd: TotpCommand, keys: &KeyStore, path: &Path) -> Result<ExitCode> {
                 println!("{qr}");
             }
             println!("{uri}");
+            crate::crypto_cmd::audit(ctx, action::TOTP_ENROL, who, Outcome::Ok, None)?;
         }
         TotpCommand::Remove { key, principal: p } => {
             let who = match (key, p) {
@@ -675,6 +783,7 @@ fn totp(cmd: TotpCommand, keys: &KeyStore, path: &Path) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             println!("removed the TOTP enrolment of {who}");
+            crate::crypto_cmd::audit(ctx, action::TOTP_ENROL, who, Outcome::Ok, Some("removed".into()))?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -84,6 +84,21 @@ use std::io;
 use std::path::PathBuf;
 use zeroize::Zeroizing;
 
+/// Load the keyring at `path`, with an AWS KMS client (configured from
+/// `env`: `AWS_REGION`, `AWS_ACCESS_KEY_ID`, …) when any usable version
+/// lives in KMS. The one way every consumer (serve, CLI) opens a keyring.
+pub fn load_keyring(
+    path: &std::path::Path,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Keyring, CryptoError> {
+    let keyring = KeyringFile::new(path).load()?;
+    if keyring.needs_kms() {
+        let config = KmsConfig::from_env(env)?;
+        return Ok(keyring.with_kms(KmsClient::new(config)?));
+    }
+    Ok(keyring)
+}
+
 /// A 256-bit secret key (a KEK or a DEK): wiped on drop, never printed.
 #[derive(Clone)]
 pub(crate) struct Key32(Zeroizing<[u8; 32]>);

@@ -188,7 +188,8 @@ impl Store {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
-            if is_sha256_hex(&name) && meta.is_file() {
+            let digest = name.strip_suffix(super::ENCRYPTED_SUFFIX).unwrap_or(&name);
+            if is_sha256_hex(digest) && meta.is_file() {
                 // Links that remain once the planned removals are done.
                 if meta.nlink().saturating_sub(inodes.removed_links(&meta)) <= 1 {
                     inodes.add(&meta);

@@ -7,6 +7,8 @@
 //! models/NAME/current                the active version's name (atomic replace)
 //! models/NAME/versions/V/moat.lock   the lock version V was promoted with
 //! models/NAME/versions/V/files/...   hard links to blobs: an ordinary model folder
+//! models/NAME/versions/V/moat.enc    present when the files are encrypted objects
+//! blobs/sha256/<64 hex>.enc          encrypted blobs (`[store] encrypt`), 0400
 //! locks/NAME.lock                    flock: serialises changes to one model
 //! quarantine/NAME.PID.NANOS/         in-flight pulls (NAME.r-HEX/: resumable ones)
 //! trash/...                          versions and models being deleted
@@ -17,6 +19,15 @@
 //! `current`, so they only ever see whole versions and a `current` naming
 //! one. A crash leaves at worst unreferenced blobs, quarantine and trash
 //! folders, which `gc` removes. See `docs/operations.md` ("The store").
+//!
+//! With a keyring ([`Store::with_keyring`]) promotion stores every file as
+//! a chunked AES-256-GCM object (see [`crate::crypto`]) in `HEX.enc`, still
+//! named by the SHA-256 of the *plaintext*, so the lock and content
+//! addressing do not change; the version folder then links to those blobs
+//! and carries a `moat.enc` marker, and verification decrypts while hashing
+//! ([`crate::verify::verify_dir_with`]). A plain and an encrypted blob of
+//! the same bytes are different files, so the two forms never mix in one
+//! version folder.
 
 mod fsops;
 mod gc;
@@ -24,6 +35,7 @@ mod inspect;
 mod promote;
 mod quarantine;
 mod remove;
+mod rewrap;
 pub mod version;
 
 #[cfg(test)]
@@ -34,6 +46,7 @@ pub use gc::GcReport;
 pub use inspect::{ModelInfo, VersionInfo};
 pub use promote::{Promoted, Promotion};
 pub use remove::Removed;
+pub use rewrap::RewrapReport;
 
 use crate::lock::LockError;
 use crate::name::ModelName;
@@ -50,6 +63,12 @@ pub const FILES_DIR: &str = "files";
 pub const BLOBS_DIR: &str = "blobs";
 pub const VERSIONS_DIR: &str = "versions";
 pub const CURRENT_FILE: &str = "current";
+/// Marker in a version folder whose files are encrypted objects.
+pub const ENCRYPTED_MARKER: &str = "moat.enc";
+/// What the marker holds (a format name, so a later format can be told apart).
+pub(crate) const ENCRYPTED_MARKER_TEXT: &str = "moat-enc v1\n";
+/// Suffix of encrypted blob names.
+pub(crate) const ENCRYPTED_SUFFIX: &str = ".enc";
 const TRASH_DIR: &str = "trash";
 const LOCKS_DIR: &str = "locks";
 const STORE_LOCK: &str = "store.lock";
@@ -60,6 +79,8 @@ const SHA256_DIR: &str = "sha256";
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Set: promotion encrypts new blobs under this keyring's current KEK.
+    keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +124,11 @@ pub enum StoreError {
     Lock(#[from] LockError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("encrypting {path}: {source}")]
+    Encrypt {
+        path: PathBuf,
+        source: crate::crypto::CryptoError,
+    },
 }
 
 impl StoreError {
@@ -143,6 +169,7 @@ impl Store {
     pub fn open(root: &Path) -> io::Result<Self> {
         let store = Self {
             root: root.to_owned(),
+            keyring: None,
         };
         for dir in [
             root.to_path_buf(),
@@ -159,6 +186,18 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Encrypt blobs of future promotions under `keyring`'s current KEK
+    /// (`[store] encrypt = true`). Versions already stored keep their form.
+    pub fn with_keyring(mut self, keyring: crate::crypto::Keyring) -> Self {
+        self.keyring = Some(std::sync::Arc::new(keyring));
+        self
+    }
+
+    /// Whether promotions encrypt (a keyring was given).
+    pub fn encrypts(&self) -> bool {
+        self.keyring.is_some()
     }
 
     /// `models/NAME`: the model's versions and `current`.
@@ -254,6 +293,11 @@ impl Store {
     /// [`crate::Lock::parse`] guarantees).
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.blob_dir().join(sha256)
+    }
+
+    /// `blobs/sha256/HEX.enc`: the encrypted blob of the plaintext `sha256`.
+    pub fn encrypted_blob_path(&self, sha256: &str) -> PathBuf {
+        self.blob_dir().join(format!("{sha256}{ENCRYPTED_SUFFIX}"))
     }
 
     fn trash_path(&self, what: &str) -> PathBuf {

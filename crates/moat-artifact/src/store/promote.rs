@@ -20,7 +20,10 @@
 
 use super::fsops::{LockMode, fsync_dir, remove_tree, rename_exchange, rename_noreplace};
 use super::version::version_name;
-use super::{CURRENT_FILE, FILES_DIR, MODELS_DIR, Store, StoreError, VERSIONS_DIR, io_at};
+use super::{
+    CURRENT_FILE, ENCRYPTED_MARKER, ENCRYPTED_MARKER_TEXT, FILES_DIR, MODELS_DIR, Store, StoreError,
+    VERSIONS_DIR, io_at,
+};
 use crate::lock::{LOCK_FILE, Lock};
 use crate::name::ModelName;
 use std::fs;
@@ -232,8 +235,11 @@ impl Store {
                     ),
                 });
             }
-            let blob = self.blob_path(&f.sha256);
-            if self.link_blob(&src, &blob, f.size)? {
+            let added = match &self.keyring {
+                Some(keyring) => self.encrypt_blob(keyring, quarantine, &src, &f.sha256)?,
+                None => self.link_blob(&src, &self.blob_path(&f.sha256), f.size)?,
+            };
+            if added {
                 new_blobs += 1;
             }
         }
@@ -256,13 +262,75 @@ impl Store {
                     .create(parent)
                     .map_err(io_at(parent))?;
             }
-            let blob = self.blob_path(&f.sha256);
+            let blob = match self.keyring {
+                Some(_) => self.encrypted_blob_path(&f.sha256),
+                None => self.blob_path(&f.sha256),
+            };
             fs::hard_link(&blob, &dst).map_err(io_at(&dst))?;
+        }
+        if self.keyring.is_some() {
+            write_read_only(&stage.join(ENCRYPTED_MARKER), ENCRYPTED_MARKER_TEXT.as_bytes())?;
         }
         let lock_bytes = fs::read(quarantine.join(LOCK_FILE)).map_err(io_at(quarantine))?;
         write_read_only(&stage.join(LOCK_FILE), &lock_bytes)?;
         sync_dirs(&stage).map_err(io_at(&stage))?;
         Ok(stage)
+    }
+
+    /// Encrypt `src` into `blobs/sha256/HEX.enc` unless that blob exists;
+    /// true when a new blob was added. The ciphertext is written to a
+    /// scratch file inside the quarantine folder (0400, fsynced) and then
+    /// hard-linked into place, so a blob is never visible half written.
+    /// An existing encrypted blob is reused as is: it may be wrapped by an
+    /// older KEK, which verification accepts until that KEK is retired.
+    fn encrypt_blob(
+        &self,
+        keyring: &crate::crypto::Keyring,
+        quarantine: &Path,
+        src: &Path,
+        sha256: &str,
+    ) -> Result<bool, StoreError> {
+        let blob = self.encrypted_blob_path(sha256);
+        match fs::symlink_metadata(&blob) {
+            Ok(meta) if meta.is_file() => return Ok(false),
+            Ok(_) => {
+                return Err(StoreError::Damaged {
+                    path: blob,
+                    message: "not a regular file where an encrypted blob should be".into(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(&blob)(e)),
+        }
+        let scratch = quarantine.join(format!(".enc-{sha256}"));
+        let _ = fs::remove_file(&scratch);
+        let input = fs::File::open(src).map_err(io_at(src))?;
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&scratch)
+            .map_err(io_at(&scratch))?;
+        crate::crypto::encrypt_stream(
+            keyring,
+            io::BufReader::with_capacity(1 << 16, input),
+            io::BufWriter::with_capacity(1 << 20, &mut out),
+            &crate::crypto::StreamOptions::default(),
+        )
+        .map_err(|source| StoreError::Encrypt {
+            path: src.to_owned(),
+            source,
+        })?;
+        out.sync_all().map_err(io_at(&scratch))?;
+        drop(out);
+        let added = match fs::hard_link(&scratch, &blob) {
+            Ok(()) => true,
+            // A concurrent promotion of the same bytes got there first.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_at(&blob)(e)),
+        };
+        let _ = fs::remove_file(&scratch);
+        Ok(added)
     }
 
     /// Put `src` (complete, `size` bytes) at `blob` unless an intact blob is

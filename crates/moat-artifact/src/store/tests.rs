@@ -437,3 +437,161 @@ fn a_quarantine_that_disagrees_with_its_lock_is_refused() {
     assert!(err.to_string().contains("files/w"), "{err}");
     assert!(store.models().unwrap().is_empty());
 }
+
+/// A store that encrypts, with a fresh local keyring file beside it.
+fn encrypting_store() -> (tempfile::TempDir, Store, crate::crypto::KeyringFile) {
+    let t = tempfile::tempdir().unwrap();
+    let file = crate::crypto::KeyringFile::new(t.path().join("keyring.json"));
+    file.rotate(crate::crypto::NewKek::Local).unwrap();
+    let s = Store::open(&t.path().join("store"))
+        .unwrap()
+        .with_keyring(file.load().unwrap());
+    (t, s, file)
+}
+
+/// Flip one byte of a (0400) file in place.
+fn flip_byte(path: &Path, offset: u64) {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut bytes = fs::read(path).unwrap();
+    bytes[usize::try_from(offset).unwrap()] ^= 0x01;
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn encrypted_promotion_stores_ciphertext_named_by_the_plaintext_digest() {
+    let (_t, store, file) = encrypting_store();
+    let weights: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    let p = promote(
+        &store,
+        "m",
+        "file:///src",
+        &[("w.bin", &weights), ("tok.json", b"{}")],
+    );
+    let digest = sha256_hex(&weights);
+    let blob = store.encrypted_blob_path(&digest);
+    assert!(
+        blob.is_file(),
+        "the encrypted blob is named by the plaintext digest"
+    );
+    assert!(!store.blob_path(&digest).exists(), "no plaintext blob");
+    let stored = fs::read(&blob).unwrap();
+    assert!(stored.starts_with(b"MOATENC"));
+    assert!(
+        !stored.windows(64).any(|w| w == &weights[..64]),
+        "plaintext must not appear in the blob"
+    );
+    assert_eq!(fs::metadata(&blob).unwrap().permissions().mode() & 0o777, 0o400);
+    assert_eq!(ino(&blob), ino(&p.dir.join(FILES_DIR).join("w.bin")));
+    assert!(p.dir.join(ENCRYPTED_MARKER).is_file());
+
+    let keyring = file.load().unwrap();
+    // Without a keyring the check is impossible, not a mismatch.
+    let err = crate::verify::verify_dir(&p.dir).unwrap_err();
+    assert!(matches!(err, crate::VerifyError::NeedsKeyring { .. }), "{err}");
+    crate::verify::verify_dir_with(&p.dir, Some(&keyring)).unwrap();
+    let m = crate::verify::load_verified_with(&p.dir, Some(&keyring)).unwrap();
+    assert_eq!(
+        m.file("w.bin"),
+        Some(weights.as_slice()),
+        "load hands over the plaintext"
+    );
+
+    // The lock is the plain one: same revision as an unencrypted promotion.
+    let (_t2, plain) = self::store();
+    let q = promote(
+        &plain,
+        "m",
+        "file:///src",
+        &[("w.bin", &weights), ("tok.json", b"{}")],
+    );
+    assert_eq!(q.version, p.version);
+
+    // Unreferenced encrypted blobs are collected by gc.
+    store.remove(&name("m"), None, true).unwrap();
+    let report = store.gc(false).unwrap();
+    assert!(
+        report.blobs.iter().any(|(n, _)| *n == format!("{digest}.enc")),
+        "{report:?}"
+    );
+    assert!(!blob.exists());
+}
+
+#[test]
+fn flipped_byte_in_an_encrypted_blob_fails_naming_the_chunk() {
+    let (_t, store, file) = encrypting_store();
+    let weights: Vec<u8> = (0..2_500_000u32).map(|i| (i % 253) as u8).collect();
+    let p = promote(&store, "m", "file:///src", &[("w.bin", &weights)]);
+    let blob = store.encrypted_blob_path(&sha256_hex(&weights));
+    let len = fs::metadata(&blob).unwrap().len();
+    // The last of three 1 MiB chunks.
+    flip_byte(&blob, len - 10);
+    let keyring = file.load().unwrap();
+    for err in [
+        crate::verify::verify_dir_with(&p.dir, Some(&keyring)).unwrap_err(),
+        crate::verify::load_verified_with(&p.dir, Some(&keyring)).unwrap_err(),
+    ] {
+        assert!(err.is_mismatch(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("w.bin: cannot decrypt: chunk 2 at byte offset"),
+            "{text}"
+        );
+        assert!(text.contains("authentication failed"), "{text}");
+    }
+}
+
+#[test]
+fn encrypted_blobs_survive_rotation_and_are_refused_after_retirement() {
+    let (_t, store, file) = encrypting_store();
+    let p = promote(&store, "m", "file:///src", &[("w.bin", b"weights under KEK 1")]);
+    file.rotate(crate::crypto::NewKek::Local).unwrap();
+    let rotated = file.load().unwrap();
+    assert_eq!(rotated.current_version(), 2);
+    crate::verify::verify_dir_with(&p.dir, Some(&rotated)).unwrap();
+
+    // A second model promoted after rotation is wrapped by version 2.
+    let store2 = Store::open(store.root()).unwrap().with_keyring(rotated);
+    let p2 = promote(&store2, "n", "file:///n", &[("w.bin", b"weights under KEK 2")]);
+
+    file.retire(1, false).unwrap();
+    let retired = file.load().unwrap();
+    let err = crate::verify::verify_dir_with(&p.dir, Some(&retired)).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("KEK version 1 is retired"), "{text}");
+    crate::verify::verify_dir_with(&p2.dir, Some(&retired)).unwrap();
+}
+
+#[test]
+fn rewrapped_encrypted_blob_still_verifies_after_retirement() {
+    let (_t, store, file) = encrypting_store();
+    let p = promote(&store, "m", "file:///src", &[("w.bin", b"to be rewrapped")]);
+    file.rotate(crate::crypto::NewKek::Local).unwrap();
+    let rotated = file.load().unwrap();
+    let blob = store.encrypted_blob_path(&sha256_hex(b"to be rewrapped"));
+    // Every name of the blob (here the version's hard link) must move to
+    // the rewrapped inode, or the version would still need KEK 1.
+    let report = store.rewrap_blobs(&rotated).unwrap();
+    assert_eq!(report.rewrapped, 1);
+    assert_eq!(ino(&blob), ino(&p.dir.join(FILES_DIR).join("w.bin")));
+    file.retire(1, false).unwrap();
+    crate::verify::verify_dir_with(&p.dir, Some(&file.load().unwrap())).unwrap();
+}
+
+#[test]
+fn encrypted_blob_longer_than_the_lock_is_a_size_mismatch_without_reading_it_all() {
+    let (_t, store, file) = encrypting_store();
+    let p = promote(&store, "m", "file:///src", &[("w.bin", b"short")]);
+    let keyring = file.load().unwrap();
+    // Replace the blob by a valid encrypted object of other, longer bytes.
+    let blob = store.encrypted_blob_path(&sha256_hex(b"short"));
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&blob, crate::crypto::seal(&keyring, &vec![7u8; 3 << 20]).unwrap()).unwrap();
+    for err in [
+        crate::verify::verify_dir_with(&p.dir, Some(&keyring)).unwrap_err(),
+        crate::verify::load_verified_with(&p.dir, Some(&keyring)).unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(text.contains("w.bin: size"), "{text}");
+        assert!(text.contains("lock says 5"), "{text}");
+    }
+}
