@@ -426,6 +426,41 @@ fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
     });
     assert!(admitted, "replica B still refuses after a slot was released");
     assert!(!long.is_finished(), "the long stream ended before B was admitted");
+
+    // A client that goes away mid-stream frees its slot too: a stream on B
+    // takes the second slot, A refuses, the client hangs up, A admits.
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3000,
+        "stream": true,
+    })
+    .to_string();
+    let mut tcp = TcpStream::connect(b.base.trim_start_matches("http://")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data:") {
+        let n = tcp.read(&mut buf).unwrap();
+        assert!(n > 0, "stream closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let (status, body) = chat(&a.base, &key, "m", json!({"max_tokens": 5}));
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "concurrency", "{body}");
+    drop(tcp);
+    let admitted = wait_until(Duration::from_secs(5), || {
+        chat(&a.base, &key, "m", json!({"max_tokens": 5})).0 == 200
+    });
+    assert!(admitted, "replica A still refuses after B's client hung up");
     assert_eq!(long.join().unwrap(), 200);
 }
 
