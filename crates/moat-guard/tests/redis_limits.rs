@@ -1,6 +1,8 @@
 //! The Redis-shared GCRA against a real `redis-server` on loopback: two
 //! limiters (two moat replicas) share one principal's budget; the retry
-//! delay is exact; refunds; a dead Redis is an error within the timeout.
+//! delay is exact; refunds; a dead Redis is an error within the timeout;
+//! concurrency leases (N held, N+1 refused, release and expiry free a slot,
+//! renewal keeps one alive).
 //!
 //! Needs `redis-server` (Debian package redis-server; scripts/test.sh
 //! installs it and sets MOAT_REQUIRE_REDIS=1, which turns its absence into a
@@ -11,7 +13,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_guard::ratelimit::redis::RedisLimiter;
+use moat_guard::ratelimit::redis::{LeaseDecision, RedisLimiter};
 use moat_guard::ratelimit::{Decision, Quota};
 
 struct Redis {
@@ -136,5 +138,99 @@ fn a_dead_redis_is_an_error_within_the_timeout() {
         let err = lim.check("k", &q, 1).await.unwrap_err().to_string();
         assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
         assert!(err.contains(&addr), "{err}");
+    });
+}
+
+#[test]
+fn concurrency_leases_are_one_budget_across_replicas() {
+    let Some(redis) = start_redis() else { return };
+    rt().block_on(async {
+        let a = RedisLimiter::new(&redis.addr, "moat:rl:", Duration::from_secs(2));
+        let b = RedisLimiter::new(&redis.addr, "moat:rl:", Duration::from_secs(2));
+        let ttl = Duration::from_secs(30);
+        assert_eq!(
+            a.acquire_lease("conc:k", "a1", 2, ttl).await.unwrap(),
+            LeaseDecision::Acquired { remaining: 1 }
+        );
+        assert_eq!(
+            b.acquire_lease("conc:k", "b1", 2, ttl).await.unwrap(),
+            LeaseDecision::Acquired { remaining: 0 }
+        );
+        // The third, on either replica, is refused; the wait reported is
+        // the time until the oldest lease would lapse.
+        let LeaseDecision::Full { expires_in } = b.acquire_lease("conc:k", "b2", 2, ttl).await.unwrap()
+        else {
+            panic!("third lease granted")
+        };
+        assert!(
+            expires_in > Duration::from_secs(28) && expires_in <= ttl,
+            "{expires_in:?}"
+        );
+        assert!(matches!(
+            a.acquire_lease("conc:k", "a2", 2, ttl).await.unwrap(),
+            LeaseDecision::Full { .. }
+        ));
+        // Another principal has its own slots.
+        assert!(matches!(
+            a.acquire_lease("conc:other", "o1", 2, ttl).await.unwrap(),
+            LeaseDecision::Acquired { .. }
+        ));
+        // Releasing on replica A frees the slot for replica B; releasing
+        // twice is harmless and frees nothing more.
+        a.release_lease("conc:k", "a1").await.unwrap();
+        a.release_lease("conc:k", "a1").await.unwrap();
+        assert!(matches!(
+            b.acquire_lease("conc:k", "b2", 2, ttl).await.unwrap(),
+            LeaseDecision::Acquired { remaining: 0 }
+        ));
+        assert!(matches!(
+            b.acquire_lease("conc:k", "b3", 2, ttl).await.unwrap(),
+            LeaseDecision::Full { .. }
+        ));
+    });
+}
+
+#[test]
+fn an_expired_lease_is_pruned_and_a_renewed_one_is_kept() {
+    let Some(redis) = start_redis() else { return };
+    rt().block_on(async {
+        let lim = RedisLimiter::new(&redis.addr, "e:", Duration::from_secs(2));
+        let short = Duration::from_millis(300);
+        // "crashed" is never renewed nor released (its replica died);
+        // "alive" is renewed while it runs.
+        assert!(matches!(
+            lim.acquire_lease("k", "crashed", 2, short).await.unwrap(),
+            LeaseDecision::Acquired { .. }
+        ));
+        assert!(matches!(
+            lim.acquire_lease("k", "alive", 2, short).await.unwrap(),
+            LeaseDecision::Acquired { .. }
+        ));
+        assert!(matches!(
+            lim.acquire_lease("k", "new", 2, short).await.unwrap(),
+            LeaseDecision::Full { .. }
+        ));
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(lim.renew_lease("k", "alive", short).await.unwrap());
+        }
+        // 400 ms on: "crashed" lapsed and is pruned by the next acquire,
+        // "alive" still holds its slot.
+        assert!(matches!(
+            lim.acquire_lease("k", "new", 2, short).await.unwrap(),
+            LeaseDecision::Acquired { remaining: 0 }
+        ));
+        assert!(matches!(
+            lim.acquire_lease("k", "late", 2, short).await.unwrap(),
+            LeaseDecision::Full { .. }
+        ));
+        // A lapsed lease is not taken back by a renewal.
+        assert!(!lim.renew_lease("k", "crashed", short).await.unwrap());
+        // When every lease lapses, every slot comes back.
+        tokio::time::sleep(short + Duration::from_millis(100)).await;
+        assert!(matches!(
+            lim.acquire_lease("k", "after", 1, short).await.unwrap(),
+            LeaseDecision::Acquired { remaining: 0 }
+        ));
     });
 }

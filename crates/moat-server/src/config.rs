@@ -695,6 +695,10 @@ mod tests {
         assert_eq!(c.rate_limits.admin.requests_per_minute, Some(600));
         assert_eq!(c.rate_limits.redis_addr.as_deref(), Some("127.0.0.1:6379"));
         assert_eq!(c.rate_limits.on_redis_error, OnRedisError::Open);
+        assert_eq!(
+            c.rate_limits.concurrency_lease_ttl,
+            std::time::Duration::from_secs(30)
+        );
     }
 
     #[test]
@@ -854,6 +858,14 @@ mod tests {
             (
                 "[rate_limits]\non_redis_error = \"open\"",
                 "rate_limits.on_redis_error",
+            ),
+            (
+                "[rate_limits]\nconcurrency_lease_ttl = \"30s\"",
+                "rate_limits.concurrency_lease_ttl",
+            ),
+            (
+                "[rate_limits]\nredis_url = \"redis://127.0.0.1:1\"\nconcurrency_lease_ttl = \"10ms\"",
+                "rate_limits.concurrency_lease_ttl",
             ),
             (
                 "[rate_limits]\ntokens_per_minute = 10\nmax_tokens = 11",

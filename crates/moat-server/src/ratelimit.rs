@@ -11,8 +11,13 @@
 //! too (the seed's "throttle above N requests/s" is about the service, not
 //! one process); when Redis fails under `on_redis_error = "open"` each
 //! process falls back to enforcing the whole cap locally, so a Redis outage
-//! never removes the cap altogether. Concurrency is always local: it
-//! protects this process.
+//! never removes the cap altogether. Concurrency (`max_concurrent`) is one
+//! budget across replicas too: with Redis a slot is a lease in a sorted set
+//! per principal, renewed by a background task every third of
+//! `concurrency_lease_ttl` while the request runs and removed when it ends
+//! (its last byte, or the client going away), so a crashed replica's slots
+//! come back after one TTL. When Redis fails under "open" the slot comes
+//! from this process's semaphore instead, as without Redis.
 //!
 //! Tokens are reserved at admission (the request's `max_tokens`, which is
 //! the most it can cost) and what was not generated is given back when the
@@ -21,10 +26,11 @@
 
 use crate::config::{OnRedisError, PrincipalLimits, RateLimitConfig};
 use moat_guard::keys::KeyRecord;
-use moat_guard::ratelimit::redis::RedisLimiter;
+use moat_guard::ratelimit::redis::{LeaseDecision, RedisLimiter};
 use moat_guard::ratelimit::{Decision, Limiter, Quota};
 use moat_guard::{KeyLimits, Principal, PrincipalKind, Role};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,9 +47,78 @@ pub struct Refused {
     pub unavailable: bool,
 }
 
+/// A concurrency slot, held until the response's last byte; dropping it
+/// frees the slot.
+pub enum ConcurrencySlot {
+    /// This process's semaphore (no Redis, or Redis failed under "open").
+    Local(OwnedSemaphorePermit),
+    /// A lease in Redis shared by every replica.
+    Leased(RedisLease),
+}
+
+/// A slot held in Redis: renewed in the background while held, removed on
+/// drop.
+pub struct RedisLease {
+    redis: Arc<RedisLimiter>,
+    key: String,
+    id: String,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl RedisLease {
+    fn start(redis: Arc<RedisLimiter>, key: String, id: String, ttl: Duration) -> Self {
+        let renewal = {
+            let (redis, key, id) = (redis.clone(), key.clone(), id.clone());
+            tokio::spawn(async move {
+                let every = ttl / 3;
+                loop {
+                    tokio::time::sleep(every).await;
+                    match redis.renew_lease(&key, &id, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // The lease lapsed (Redis unreachable for a whole
+                            // TTL, or flushed). Taking it back could exceed
+                            // the limit, so the request runs on uncounted.
+                            tracing::warn!(lease = %id, "concurrency lease lapsed before the request ended");
+                            return;
+                        }
+                        // Try again next period: the lease survives two
+                        // missed renewals.
+                        Err(e) => tracing::warn!(error = %e, "concurrency lease renewal failed"),
+                    }
+                }
+            })
+        };
+        RedisLease {
+            redis,
+            key,
+            id,
+            renewal,
+        }
+    }
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        // Called from a Drop: the release runs on the runtime. Without one
+        // (shutdown) the lease lapses after its TTL.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let redis = self.redis.clone();
+            let key = std::mem::take(&mut self.key);
+            let id = std::mem::take(&mut self.id);
+            rt.spawn(async move {
+                if let Err(e) = redis.release_lease(&key, &id).await {
+                    tracing::warn!(error = %e, "concurrency lease release failed; it lapses after its TTL");
+                }
+            });
+        }
+    }
+}
+
 /// What admission holds until the response ends, and the headers to send.
 pub struct Admission {
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub permit: Option<ConcurrencySlot>,
     pub headers: Vec<(&'static str, String)>,
 }
 
@@ -99,7 +174,11 @@ pub struct RateLimits {
     config: RateLimitConfig,
     local: Limiter,
     global: Option<Quota>,
-    redis: Option<RedisLimiter>,
+    redis: Option<Arc<RedisLimiter>>,
+    /// Lease ids are this random per-instance prefix and a counter: unique
+    /// across replicas without a random draw per request.
+    lease_prefix: String,
+    lease_counter: AtomicU64,
     concurrency: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// API key id → the key's own limits (only keys that carry some).
     key_limits: RwLock<Arc<HashMap<String, KeyLimits>>>,
@@ -129,18 +208,44 @@ fn token_quota(l: &PrincipalLimits) -> Option<Quota> {
     Quota::per_minute(tpm, tpm)
 }
 
+/// 16 random bytes in hex; if the system's random source fails, the
+/// process id and the time, which still differ between replicas.
+fn lease_prefix() -> String {
+    let mut buf = [0u8; 16];
+    match getrandom::fill(&mut buf) {
+        Ok(()) => hex::encode(buf),
+        Err(_) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{}-{nanos}", std::process::id())
+        }
+    }
+}
+
+fn concurrency_refused(max: u32) -> Refused {
+    Refused {
+        reason: "concurrency",
+        message: format!("at most {max} concurrent requests are allowed for this principal"),
+        retry_after: 1,
+        unavailable: false,
+    }
+}
+
 impl RateLimits {
     pub fn new(config: RateLimitConfig) -> Self {
         let redis = config
             .redis_addr
             .as_ref()
-            .map(|addr| RedisLimiter::new(addr.clone(), "moat:rl:", config.redis_timeout));
+            .map(|addr| Arc::new(RedisLimiter::new(addr.clone(), "moat:rl:", config.redis_timeout)));
         RateLimits {
             global: config
                 .global_requests_per_second
                 .and_then(|r| Quota::per_second(r, r)),
             local: Limiter::new(),
             redis,
+            lease_prefix: lease_prefix(),
+            lease_counter: AtomicU64::new(0),
             concurrency: Mutex::new(HashMap::new()),
             key_limits: RwLock::new(Arc::new(HashMap::new())),
             epoch: Instant::now(),
@@ -262,30 +367,7 @@ impl RateLimits {
         let limits = self.limits_for(p);
         let permit = match limits.max_concurrent {
             None => None,
-            Some(max) => {
-                let sem = {
-                    let mut map = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
-                    // Keyed with the limit too: a key whose limit was
-                    // changed in the keys file gets a semaphore of the new
-                    // size (the old one empties and is swept).
-                    map.entry(format!("{}\u{0}{max}", p.key_id))
-                        .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
-                        .clone()
-                };
-                match sem.try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => {
-                        return Err(Refused {
-                            reason: "concurrency",
-                            message: format!(
-                                "at most {max} concurrent requests are allowed for this principal"
-                            ),
-                            retry_after: 1,
-                            unavailable: false,
-                        });
-                    }
-                }
-            }
+            Some(max) => Some(self.take_slot(p, max).await?),
         };
         let mut headers = Vec::new();
         if let Some(q) = request_quota(&limits) {
@@ -309,6 +391,55 @@ impl RateLimits {
             }
         }
         Ok(Admission { permit, headers })
+    }
+
+    /// One of `max` concurrency slots of `p`: a lease in Redis shared by
+    /// every replica when Redis is configured, else (or when Redis fails
+    /// under "open") a permit of this process's semaphore.
+    async fn take_slot(&self, p: &Principal, max: u32) -> Result<ConcurrencySlot, Refused> {
+        if let Some(redis) = &self.redis {
+            let key = format!("conc:{}", p.key_id);
+            let n = self.lease_counter.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{}:{n}", self.lease_prefix);
+            let ttl = self.config.concurrency_lease_ttl;
+            match redis.acquire_lease(&key, &id, u64::from(max), ttl).await {
+                Ok(LeaseDecision::Acquired { .. }) => {
+                    return Ok(ConcurrencySlot::Leased(RedisLease::start(
+                        redis.clone(),
+                        key,
+                        id,
+                        ttl,
+                    )));
+                }
+                Ok(LeaseDecision::Full { .. }) => return Err(concurrency_refused(max)),
+                Err(e) => match self.config.on_redis_error {
+                    OnRedisError::Open => {
+                        tracing::warn!(error = %e, "concurrency: redis unavailable; counting in this process alone (on_redis_error = \"open\")");
+                    }
+                    OnRedisError::Closed => {
+                        tracing::error!(error = %e, "concurrency: redis unavailable; refusing (on_redis_error = \"closed\")");
+                        return Err(Refused {
+                            reason: "limiter_unavailable",
+                            message: "the rate limiter is unavailable; try again shortly".into(),
+                            retry_after: 1,
+                            unavailable: true,
+                        });
+                    }
+                },
+            }
+        }
+        let sem = {
+            let mut map = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+            // Keyed with the limit too: a key whose limit was changed in
+            // the keys file gets a semaphore of the new size (the old one
+            // empties and is swept).
+            map.entry(format!("{}\u{0}{max}", p.key_id))
+                .or_insert_with(|| Arc::new(Semaphore::new(max as usize)))
+                .clone()
+        };
+        sem.try_acquire_owned()
+            .map(ConcurrencySlot::Local)
+            .map_err(|_| concurrency_refused(max))
     }
 
     /// Reserves `max_tokens` of `p`'s tokens/min budget.
@@ -499,6 +630,32 @@ mod tests {
             open.admit(&user(), true).await.err().unwrap().reason,
             "global_cap"
         );
+    }
+
+    #[tokio::test]
+    async fn concurrency_with_redis_down_follows_on_redis_error() {
+        let cfg = |on| RateLimitConfig {
+            user: PrincipalLimits {
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+            redis_addr: Some("127.0.0.1:1".into()),
+            on_redis_error: on,
+            ..RateLimitConfig::default()
+        };
+        let closed = RateLimits::new(cfg(OnRedisError::Closed));
+        let r = closed.admit(&user(), false).await.err().unwrap();
+        assert!(r.unavailable && r.reason == "limiter_unavailable", "{r:?}");
+        // Open: the limit still holds, counted in this process.
+        let open = RateLimits::new(cfg(OnRedisError::Open));
+        let a = open.admit(&user(), false).await.ok().unwrap();
+        assert!(matches!(a.permit, Some(ConcurrencySlot::Local(_))));
+        assert_eq!(
+            open.admit(&user(), false).await.err().unwrap().reason,
+            "concurrency"
+        );
+        drop(a);
+        assert!(open.admit(&user(), false).await.is_ok());
     }
 
     #[tokio::test]

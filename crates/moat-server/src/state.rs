@@ -175,7 +175,7 @@ struct Fields {
     /// the status says (which auth failure, which permission).
     rejection: Option<Rejection>,
     /// The concurrency slot, held until the response's last byte.
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<crate::ratelimit::ConcurrencySlot>,
     /// Tokens reserved at admission, settled against the real usage.
     reservation: Option<crate::ratelimit::TokenReservation>,
     /// The request's trace, when sampled; becomes spans at the end.
@@ -272,7 +272,7 @@ impl RequestContext {
         self.with(|f| f.rejection = Some(r));
     }
 
-    pub fn hold_permit(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+    pub fn hold_permit(&self, permit: crate::ratelimit::ConcurrencySlot) {
         self.with(|f| f.permit = Some(permit));
     }
 

@@ -1,7 +1,8 @@
 //! Access control, second part, against the real binary on loopback:
 //! per-key limits set with `moat keys create --rpm …`, the global
 //! requests/s cap (local, and shared by two processes through a real
-//! `redis-server`), OIDC discovery with key rotation against a local
+//! `redis-server`), a key's `max_concurrent` shared by two processes the
+//! same way, OIDC discovery with key rotation against a local
 //! issuer fixture serving real keys, and the accounting of refusals: every
 //! refusal (network, TLS, request head, auth, RBAC, limits, rate) is
 //! checked in `moat_rejections_total{stage,reason}` and in the audit log.
@@ -356,6 +357,111 @@ fn the_global_cap_is_one_budget_for_two_replicas_through_redis() {
     let (status, _, body) = get_full(&format!("{}/v1/models", a.base), Some(&user));
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+}
+
+/// POSTs a streamed chat completion on its own thread; joins to its status
+/// once the stream has ended.
+fn stream_in_background(base: &str, key: &str, max_tokens: u64) -> std::thread::JoinHandle<u16> {
+    let (base, key) = (base.to_owned(), key.to_owned());
+    std::thread::spawn(move || {
+        chat(
+            &base,
+            &key,
+            "m",
+            json!({"max_tokens": max_tokens, "stream": true}),
+        )
+        .0
+    })
+}
+
+#[test]
+fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
+    let Some(redis) = start_redis() else { return };
+    let t = tmp();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    demo_model(&src, 1);
+    pull_ok(&src, "m", &store);
+    let (code, _, key, err) = create_key_with(&store, "user", &["--max-concurrent", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let config = format!(
+        "home = \"{}\"\n[[models]]\nname = \"m\"\n[engine]\nmax_context = 4096\n\
+         [rate_limits]\nredis_url = \"redis://{}\"\nredis_timeout = \"1s\"\n[audit]\nenabled = false\n",
+        store.display(),
+        redis.addr
+    );
+    let a_dir = t.path().join("a");
+    let b_dir = t.path().join("b");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let a = Server::start(&a_dir, &config);
+    let b = Server::start(&b_dir, &config);
+    // Two streams on replica A hold both of the key's slots: a short one
+    // (about 1 s of the demo model) and a long one (several seconds).
+    let short = stream_in_background(&a.base, &key, 500);
+    std::thread::sleep(Duration::from_millis(100));
+    let long = stream_in_background(&a.base, &key, 3000);
+    std::thread::sleep(Duration::from_millis(400));
+    // The third, on replica B, is refused: without sharing B would admit it.
+    assert!(!short.is_finished(), "the short stream ended before the check");
+    let (status, body) = chat(&b.base, &key, "m", json!({"max_tokens": 5}));
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "concurrency", "{body}");
+    let resp = agent()
+        .post(format!("{}/v1/chat/completions", b.base))
+        .header("Authorization", &format!("Bearer {key}"))
+        .header("Content-Type", "application/json")
+        .send(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+                .to_string(),
+        )
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+    // When the short stream ends its slot comes back (released, not left to
+    // lapse: the lease TTL is 30 s) and B admits while A's long stream runs.
+    assert_eq!(short.join().unwrap(), 200);
+    let admitted = wait_until(Duration::from_secs(3), || {
+        chat(&b.base, &key, "m", json!({"max_tokens": 5})).0 == 200
+    });
+    assert!(admitted, "replica B still refuses after a slot was released");
+    assert!(!long.is_finished(), "the long stream ended before B was admitted");
+
+    // A client that goes away mid-stream frees its slot too: a stream on B
+    // takes the second slot, A refuses, the client hangs up, A admits.
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3000,
+        "stream": true,
+    })
+    .to_string();
+    let mut tcp = TcpStream::connect(b.base.trim_start_matches("http://")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data:") {
+        let n = tcp.read(&mut buf).unwrap();
+        assert!(n > 0, "stream closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let (status, body) = chat(&a.base, &key, "m", json!({"max_tokens": 5}));
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "concurrency", "{body}");
+    drop(tcp);
+    let admitted = wait_until(Duration::from_secs(5), || {
+        chat(&a.base, &key, "m", json!({"max_tokens": 5})).0 == 200
+    });
+    assert!(admitted, "replica A still refuses after B's client hung up");
+    assert_eq!(long.join().unwrap(), 200);
 }
 
 // ---------------------------------------------------------------- OIDC discovery

@@ -11,6 +11,13 @@
 //! timeout on every call; a timeout or any error is returned to the caller,
 //! which applies the configured fail-open or fail-closed policy. A
 //! connection that saw an error is dropped, never reused mid-reply.
+//!
+//! Concurrency is shared the same way, as leases: a principal's slots are a
+//! sorted set of lease id → expiry (Redis time, milliseconds). Acquiring is
+//! one script that first prunes expired leases, so the slots of a replica
+//! that crashed mid-request come back after the lease TTL instead of
+//! leaking forever; the holder renews its lease while the request runs and
+//! removes it when the request ends.
 
 use std::time::Duration;
 
@@ -53,6 +60,46 @@ end
 return 1
 "#;
 
+const ACQUIRE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= max then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local wait = 0
+  if first[2] then wait = tonumber(first[2]) - now end
+  return {0, string.format('%.0f', wait)}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, string.format('%.0f', max - held - 1)}
+"#;
+
+const RENEW_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not exp or tonumber(exp) <= now then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"#;
+
+/// The outcome of [`RedisLimiter::acquire_lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseDecision {
+    /// The lease is held; `remaining` more slots are free right now.
+    Acquired { remaining: u64 },
+    /// Every slot is held; the oldest-expiring lease lapses after
+    /// `expires_in` unless renewed (an upper bound on how long a crashed
+    /// holder can block, not a promise that a slot frees by then).
+    Full { expires_in: Duration },
+}
+
 /// Most idle connections kept.
 const POOL_SIZE: usize = 16;
 /// Longest reply line or bulk string accepted from Redis.
@@ -89,6 +136,8 @@ pub struct RedisLimiter {
     pool: Mutex<Vec<Conn>>,
     check_sha: String,
     refund_sha: String,
+    acquire_sha: String,
+    renew_sha: String,
 }
 
 fn sha1_hex(script: &str) -> String {
@@ -107,6 +156,8 @@ impl RedisLimiter {
             pool: Mutex::new(Vec::new()),
             check_sha: sha1_hex(CHECK_SCRIPT),
             refund_sha: sha1_hex(REFUND_SCRIPT),
+            acquire_sha: sha1_hex(ACQUIRE_SCRIPT),
+            renew_sha: sha1_hex(RENEW_SCRIPT),
         }
     }
 
@@ -146,6 +197,78 @@ impl RedisLimiter {
         self.eval(REFUND_SCRIPT, &self.refund_sha, key, &args)
             .await
             .map(drop)
+    }
+
+    /// Takes one of `max` concurrency slots of `key` as lease `lease_id`
+    /// (unique per request), expiring `ttl` from now unless renewed.
+    /// Expired leases of `key` are dropped first, in the same script.
+    pub async fn acquire_lease(
+        &self,
+        key: &str,
+        lease_id: &str,
+        max: u64,
+        ttl: Duration,
+    ) -> Result<LeaseDecision, RedisError> {
+        let args = [lease_id.to_owned(), max.to_string(), millis(ttl).to_string()];
+        let reply = self.eval(ACQUIRE_SCRIPT, &self.acquire_sha, key, &args).await?;
+        let (flag, value) = self.pair(&reply)?;
+        match flag {
+            1 => Ok(LeaseDecision::Acquired { remaining: value }),
+            0 => Ok(LeaseDecision::Full {
+                expires_in: Duration::from_millis(value),
+            }),
+            _ => Err(self.unexpected(&reply)),
+        }
+    }
+
+    /// Pushes lease `lease_id`'s expiry to `ttl` from now. `Ok(false)`
+    /// when the lease is gone (it lapsed, e.g. Redis was unreachable for a
+    /// whole TTL): it is not taken again, since its slot may be someone
+    /// else's by now.
+    pub async fn renew_lease(&self, key: &str, lease_id: &str, ttl: Duration) -> Result<bool, RedisError> {
+        let args = [lease_id.to_owned(), millis(ttl).to_string()];
+        match self.eval(RENEW_SCRIPT, &self.renew_sha, key, &args).await? {
+            Reply::Int(1) => Ok(true),
+            Reply::Int(0) => Ok(false),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Frees lease `lease_id` (one `ZREM`; a lease already gone is fine).
+    pub async fn release_lease(&self, key: &str, lease_id: &str) -> Result<(), RedisError> {
+        let full_key = format!("{}{}", self.prefix, key);
+        match self
+            .call(&[b"ZREM", full_key.as_bytes(), lease_id.as_bytes()])
+            .await?
+        {
+            Reply::Int(_) => Ok(()),
+            Reply::Error(e) => Err(self.reply_error(e)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// A script's `{flag, number}` reply.
+    fn pair(&self, reply: &Reply) -> Result<(i64, u64), RedisError> {
+        let Reply::Array(items) = reply else {
+            return Err(self.unexpected(reply));
+        };
+        let (Some(Reply::Int(flag)), Some(value)) = (items.first(), items.get(1)) else {
+            return Err(self.unexpected(reply));
+        };
+        let value = match value {
+            Reply::Bulk(Some(b)) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()),
+            Reply::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| self.unexpected(reply))?;
+        Ok((*flag, value))
+    }
+
+    fn unexpected(&self, reply: &Reply) -> RedisError {
+        RedisError::Reply {
+            addr: self.addr.clone(),
+            message: format!("unexpected script reply {reply:?}"),
+        }
     }
 
     async fn eval(&self, script: &str, sha: &str, key: &str, args: &[String]) -> Result<Reply, RedisError> {
@@ -215,6 +338,12 @@ impl RedisLimiter {
 
 fn micros(quota: &Quota) -> u64 {
     (quota.interval_nanos() / 1000).max(1)
+}
+
+/// Whole milliseconds, at least 1 (a zero `PEXPIRE` would delete the key
+/// at once).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn protocol(msg: &str) -> std::io::Error {

@@ -482,6 +482,7 @@ pub struct RawRateLimits {
     pub redis_url: Option<String>,
     pub redis_timeout: Option<RawDuration>,
     pub on_redis_error: Option<String>,
+    pub concurrency_lease_ttl: Option<RawDuration>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawPrincipalLimits>,
 }
@@ -508,6 +509,10 @@ pub struct RateLimitConfig {
     pub redis_addr: Option<String>,
     pub redis_timeout: Duration,
     pub on_redis_error: OnRedisError,
+    /// How long a concurrency slot held in Redis outlives its replica: the
+    /// lease is renewed every third of this while the request runs, so a
+    /// crashed replica's slots come back after at most this long.
+    pub concurrency_lease_ttl: Duration,
 }
 
 impl Default for RateLimitConfig {
@@ -519,6 +524,7 @@ impl Default for RateLimitConfig {
             redis_addr: None,
             redis_timeout: Duration::from_millis(50),
             on_redis_error: OnRedisError::Closed,
+            concurrency_lease_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -622,6 +628,18 @@ impl RawRateLimits {
                 "needs rate_limits.redis_url",
             ));
         }
+        if redis_addr.is_none() && self.concurrency_lease_ttl.is_some() {
+            return Err(invalid(
+                "rate_limits.concurrency_lease_ttl",
+                "needs rate_limits.redis_url (without Redis, concurrency is counted in this process)",
+            ));
+        }
+        let concurrency_lease_ttl = duration(
+            "rate_limits.concurrency_lease_ttl",
+            self.concurrency_lease_ttl,
+            Duration::from_secs(30),
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        )?;
         Ok(RateLimitConfig {
             admin,
             user,
@@ -629,6 +647,7 @@ impl RawRateLimits {
             redis_addr,
             redis_timeout,
             on_redis_error,
+            concurrency_lease_ttl,
         })
     }
 }
