@@ -4,7 +4,7 @@
 # 1. `moat serve` (release) with the demo model; authenticated `GET
 #    /v1/models` (the full middleware: network, auth, rate limit, audit;
 #    no engine work) at a fixed RATE (default 5,000 req/s) from
-#    crates/moat-server/examples/fixed_rate.rs (wrk2-style: latency from
+#    crates/moat-server/examples/loadgen.rs (wrk2-style: latency from
 #    each request's due time). Three modes, interleaved ROUNDS times in the
 #    same run: audit off, audit on (default: durable, fail-open `submit`),
 #    audit on with fail_closed (each request waits for its fsync). Reports
@@ -26,11 +26,11 @@ trap 'stop_server 2>/dev/null; rm -rf "$WORK"' EXIT
 # One cargo run for both (it holds the target lock throughout), then
 # private copies: a build in another checkout sharing CARGO_TARGET_DIR must
 # not swap the binaries under this run.
-(cd "$ROOT" && cargo build --release --locked -p moat -p moat-server --bin moat --example fixed_rate >&2)
+(cd "$ROOT" && cargo build --release --locked -p moat -p moat-server --bin moat --example loadgen >&2)
 cp "$MOAT" "$WORK/moat-bin"
-cp "$CARGO_TARGET_DIR/release/examples/fixed_rate" "$WORK/fixed_rate"
+cp "$CARGO_TARGET_DIR/release/examples/loadgen" "$WORK/loadgen"
 MOAT="$WORK/moat-bin"
-LOAD="$WORK/fixed_rate"
+LOAD="$WORK/loadgen"
 "$MOAT" pull --help | grep -q -- '--encrypt' || { echo "$MOAT is not this checkout's build (no pull --encrypt)" >&2; exit 2; }
 
 STORE="$WORK/store"
@@ -77,13 +77,14 @@ for round in $(seq 1 "$ROUNDS"); do
   for mode in off on fail_closed; do
     start_logged "$(config "$mode")" "$WORK/serve-$mode-$round.log"
     url="${BASE_URL}/models"
-    "$LOAD" "$url" "$RATE" 2 "$CONNS" "$KEY" >/dev/null || true # warm-up
-    out="$("$LOAD" "$url" "$RATE" "$SECS" "$CONNS" "$KEY")" || { echo "load run failed: $out" >&2; exit 1; }
+    # 2 s of warm-up at the same rate, not counted.
+    out="$("$LOAD" --url "$url" --rate "$RATE" --seconds "$SECS" --warmup 2 --connections "$CONNS" \
+      --header "authorization: Bearer $KEY")" || { echo "load run failed: $out" >&2; exit 1; }
     stop_server
     echo "round $round $mode: $out" >&2
     P50[$mode]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_us"])') "
     P99[$mode]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p99_us"])') "
-    RPS[$mode]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["achieved_rps"])') "
+    RPS[$mode]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["achieved_rate"])') "
   done
 done
 

@@ -13,6 +13,9 @@ build_release() {
 # start_server CONFIG_FILE → sets SERVER_PID and BASE_URL
 start_server() {
   local log="$WORK/serve.log"
+  # Emptied here, not by the background job's redirection: that may run
+  # after the grep below, which would then find the previous server's port.
+  : >"$log"
   "$MOAT" serve --config "$1" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$WORK/requests.jsonl" 2>"$log" &
   SERVER_PID=$!
   for _ in $(seq 1 600); do

@@ -120,7 +120,7 @@ wrk.headers["content-type"] = "application/json"
 wrk.headers["authorization"] = "Bearer $KEY"
 EOF
 
-fixed_rate() { # URL → JSON line
+fixed_rate() { # URL → JSON line (loadgen, open loop)
   "$LOADGEN" --url "$1" --rate "$RATE" --seconds "$SECONDS_EACH" --warmup 2 --connections 50 \
     --header "authorization: Bearer $KEY" --body-file "$BODY"
 }
