@@ -423,7 +423,8 @@ impl Writer {
                 // more arrive for a moment, so a busy server pays one write
                 // and one fsync per few dozen records instead of per record,
                 // and the writer does not preempt request threads per record.
-                if !q.closing && q.entries.len() < LINGER_BATCH && q.entries.iter().all(|e| e.reply.is_none()) {
+                if !q.closing && q.entries.len() < LINGER_BATCH && q.entries.iter().all(|e| e.reply.is_none())
+                {
                     drop(q);
                     std::thread::sleep(LINGER);
                     q = self.shared.lock();

@@ -17,6 +17,13 @@
 //! only between batches, so a batch never straddles two files (one batch
 //! larger than `max_bytes` makes one larger file). The chain runs on: the
 //! new file's first record's `prev` is the hash of the old file's last.
+//!
+//! With a maximum age ([`FileSink::with_max_age`], `[audit] rotate_every`),
+//! a live file that has held records for that long is rotated the same way
+//! before the next batch, so retention can work in whole days even on a
+//! quiet server. The age counts from when the live file was created (its
+//! birth time where the filesystem records one, else its first open by this
+//! process), so a restart does not reset it.
 
 use crate::keys::sync_parent;
 use std::fs::{self, File, OpenOptions};
@@ -66,6 +73,11 @@ pub struct FileSink {
     /// not be cut off yet): cut before the next write.
     dirty: bool,
     next_index: u64,
+    /// Rotate a live file with records once it is this old.
+    max_age: Option<std::time::Duration>,
+    /// When the live file was created (or first opened, where the
+    /// filesystem keeps no birth time).
+    born: std::time::SystemTime,
     /// Tests: make the next write put this many bytes in the file, then fail.
     #[cfg(test)]
     fail_next_write_after: Option<usize>,
@@ -81,7 +93,8 @@ impl FileSink {
             fs::create_dir_all(parent)?;
         }
         let file = open_live(&path)?;
-        let len = file.metadata()?.len();
+        let meta = file.metadata()?;
+        let len = meta.len();
         let next_index = rotated_files(&path)?.last().map_or(1, |(n, _)| n + 1);
         Ok(Self {
             path,
@@ -90,9 +103,23 @@ impl FileSink {
             len,
             dirty: false,
             next_index,
+            max_age: None,
+            born: meta.created().unwrap_or_else(|_| std::time::SystemTime::now()),
             #[cfg(test)]
             fail_next_write_after: None,
         })
+    }
+
+    /// Also rotate a live file that has held records for `max_age`
+    /// (`None`: by size only).
+    pub fn with_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.max_age = max_age.filter(|d| !d.is_zero());
+        self
+    }
+
+    fn too_old(&self) -> bool {
+        self.max_age
+            .is_some_and(|age| self.born.elapsed().is_ok_and(|lived| lived >= age))
     }
 
     /// The live file's path.
@@ -115,6 +142,7 @@ impl FileSink {
         self.next_index += 1;
         self.file = None;
         self.len = 0;
+        self.born = std::time::SystemTime::now();
         sync_parent(&self.path)?;
         self.reopen()
     }
@@ -194,10 +222,10 @@ impl Sink for FileSink {
         if self.dirty {
             self.cut_back()?;
         }
-        if let Some(max) = self.max_bytes
-            && self.len > 0
-            && self.len + lines.len() as u64 > max
-        {
+        let too_big = self
+            .max_bytes
+            .is_some_and(|max| self.len + lines.len() as u64 > max);
+        if self.len > 0 && (too_big || self.too_old()) {
             self.rotate()?;
         }
         match self.write_all_synced(lines, durable) {
@@ -446,6 +474,32 @@ mod tests {
         assert_eq!(tail.last_line.as_deref(), Some(&b"e"[..]));
         assert!(tail.repaired.unwrap().contains("cut 4 bytes"));
         assert_eq!(fs::read(&live).unwrap(), b"e\n");
+    }
+
+    #[test]
+    fn rotates_a_live_file_older_than_max_age() {
+        let t = tempfile::tempdir().unwrap();
+        let live = t.path().join("audit.jsonl");
+        let age = std::time::Duration::from_millis(300);
+        let mut sink = FileSink::open(&live, None).unwrap().with_max_age(Some(age));
+        sink.write_batch(b"a\n", true).unwrap();
+        sink.write_batch(b"b\n", true).unwrap(); // young: same file
+        assert!(!rotated_name(&live, 1).exists());
+        std::thread::sleep(age + std::time::Duration::from_millis(50));
+        sink.write_batch(b"c\n", true).unwrap(); // old: rotated first
+        assert_eq!(fs::read(rotated_name(&live, 1)).unwrap(), b"a\nb\n");
+        assert_eq!(fs::read(&live).unwrap(), b"c\n");
+        // The new live file's age starts at the rotation.
+        sink.write_batch(b"d\n", true).unwrap();
+        assert!(!rotated_name(&live, 2).exists());
+        assert_eq!(fs::read(&live).unwrap(), b"c\nd\n");
+        // An empty live file is never rotated, however old.
+        drop(sink);
+        fs::write(&live, b"").unwrap();
+        let mut sink = FileSink::open(&live, None).unwrap().with_max_age(Some(age));
+        std::thread::sleep(age + std::time::Duration::from_millis(50));
+        sink.write_batch(b"e\n", true).unwrap();
+        assert!(!rotated_name(&live, 2).exists());
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub fn record(a: &AuditConfig, rec: AuditRecord) -> Result<Recorded, String> {
     if let Some(dir) = a.file.parent().filter(|d| !d.as_os_str().is_empty()) {
         make_private_dir(dir)?;
     }
-    let sink = match FileSink::open(a.file.clone(), Some(a.max_bytes)) {
+    let sink = match FileSink::open(a.file.clone(), Some(a.max_bytes)).map(|s| s.with_max_age(a.rotate_every))
+    {
         Ok(sink) => sink,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return spool(a, &rec).map(Recorded::Spooled),
         Err(e) => return Err(format!("{}: {e}", a.file.display())),
@@ -162,6 +163,7 @@ mod tests {
             file: dir.join("audit/audit.jsonl"),
             keys_file: dir.join("audit-keys.json"),
             max_bytes: 1 << 20,
+            rotate_every: None,
             stdout: false,
             durable: true,
             fail_closed: false,

@@ -169,6 +169,18 @@ pub fn audit_config(audit: &RawAudit, home: &Path) -> Result<Option<AuditConfig>
                     .clone()
                     .unwrap_or_else(|| home.join("audit-keys.json")),
                 max_bytes,
+                rotate_every: match &a.rotate_every {
+                    None => None,
+                    Some(v) => Some(access::duration(
+                        "audit.rotate_every",
+                        Some(v.clone()),
+                        std::time::Duration::ZERO,
+                        (
+                            std::time::Duration::from_secs(60),
+                            std::time::Duration::from_secs(366 * 86_400),
+                        ),
+                    )?),
+                },
                 stdout: a.stdout.unwrap_or(false),
                 durable,
                 fail_closed,
@@ -234,6 +246,7 @@ pub struct RawAudit {
     pub file: Option<PathBuf>,
     pub keys_file: Option<PathBuf>,
     pub max_bytes: Option<u64>,
+    pub rotate_every: Option<access::RawDuration>,
     pub stdout: Option<bool>,
     pub durable: Option<bool>,
     pub fail_closed: Option<bool>,
@@ -248,6 +261,9 @@ pub struct AuditConfig {
     pub file: PathBuf,
     pub keys_file: PathBuf,
     pub max_bytes: u64,
+    /// Rotate the live file once it has held records this long (`None`:
+    /// by size only).
+    pub rotate_every: Option<std::time::Duration>,
     pub stdout: bool,
     pub durable: bool,
     pub fail_closed: bool,
@@ -797,6 +813,14 @@ mod tests {
                 "engine.max_context",
             ),
             ("", "models"),
+            (
+                "[audit]\nrotate_every = \"30s\"\n[[models]]\nname=\"a\"",
+                "audit.rotate_every",
+            ),
+            (
+                "[audit]\nrotate_every = \"daily\"\n[[models]]\nname=\"a\"",
+                "audit.rotate_every",
+            ),
         ];
         for (text, key) in cases {
             let err = check(text).unwrap_err().to_string();

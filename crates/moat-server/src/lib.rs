@@ -807,7 +807,9 @@ fn open_audit(a: &config::AuditConfig) -> Result<AuditLog, ServerError> {
         AuditKeys::generate_file(&a.keys_file)
     }
     .map_err(|e| err(&a.keys_file, e.to_string()))?;
-    let file = FileSink::open(a.file.clone(), Some(a.max_bytes)).map_err(|e| err(&a.file, e.to_string()))?;
+    let file = FileSink::open(a.file.clone(), Some(a.max_bytes))
+        .map(|s| s.with_max_age(a.rotate_every))
+        .map_err(|e| err(&a.file, e.to_string()))?;
     let mut sinks: Vec<Box<dyn moat_audit::Sink>> = vec![Box::new(file)];
     if a.stdout {
         sinks.push(Box::new(WriterSink::stdout()));

@@ -122,6 +122,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         (n, 60_000)
     } else if let Some(n) = t.strip_suffix('h') {
         (n, 3_600_000)
+    } else if let Some(n) = t.strip_suffix('d') {
+        (n, 86_400_000)
     } else {
         (t, 1000)
     };
@@ -130,7 +132,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 /// A duration key: a string like `"10s"` or an integer of seconds.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum RawDuration {
     Seconds(u64),
