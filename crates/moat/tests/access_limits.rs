@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,55 +256,6 @@ fn the_global_cap_sheds_every_principal_with_retry_after() {
     }
     let text = metrics_text(&server, &admin);
     assert!(rejections(&text, "rate_limit", "global_cap") >= 4, "{text}");
-}
-
-struct Redis {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Option<Redis> {
-    if Command::new("redis-server").arg("--version").output().is_err() {
-        if std::env::var_os("MOAT_REQUIRE_REDIS").is_some() {
-            panic!("redis-server not found but MOAT_REQUIRE_REDIS is set");
-        }
-        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(Redis { child, addr })
 }
 
 #[test]

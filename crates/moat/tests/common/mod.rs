@@ -313,3 +313,55 @@ pub fn model_file(store: &Path, name: &str, rel: &str) -> PathBuf {
     active_dir(store, name).join("files").join(rel)
 }
 pub mod hub;
+
+/// A private `redis-server` on a free loopback port, killed on drop.
+pub struct Redis {
+    child: Child,
+    pub addr: String,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `None` (with a printed SKIPPED reason) when redis-server is not
+/// installed, unless `MOAT_REQUIRE_REDIS` is set (scripts/test.sh sets it).
+pub fn start_redis() -> Option<Redis> {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        if std::env::var_os("MOAT_REQUIRE_REDIS").is_some() {
+            panic!("redis-server not found but MOAT_REQUIRE_REDIS is set");
+        }
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Redis { child, addr })
+}
