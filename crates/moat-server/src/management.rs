@@ -275,6 +275,24 @@ fn open_store(m: &Management) -> Result<Store, ApiError> {
     Ok(store.with_keyring(keyring))
 }
 
+/// Load the version at `dir` (through the keyring when it is encrypted),
+/// with its stage timings for the metrics.
+fn load_timed(
+    name: &str,
+    dir: &std::path::Path,
+    enc: &crate::config::EncryptionConfig,
+    signature: Option<&SignaturePolicy>,
+    opts: EngineOptions,
+) -> (Result<moat_engine::Engine, String>, ModelLoadReport) {
+    let mut report = ModelLoadReport::new(name);
+    let started = std::time::Instant::now();
+    let engine = keyring_for(enc, dir)
+        .and_then(|keyring| crate::load_model(name, dir, keyring.as_ref(), signature, opts, &mut report));
+    report.seconds = started.elapsed().as_secs_f64();
+    report.loaded = engine.is_ok();
+    (engine, report)
+}
+
 /// The keyring when the version at `dir` is encrypted, else `None` (a plain
 /// store needs no keyring, nor KMS credentials).
 fn keyring_for(
@@ -491,20 +509,7 @@ async fn add_model(
                 (lock, dir)
             }
         };
-        let mut report = ModelLoadReport::new(&model);
-        let started = std::time::Instant::now();
-        let engine = keyring_for(&enc, &dir).and_then(|keyring| {
-            crate::load_model(
-                &model,
-                &dir,
-                keyring.as_ref(),
-                signature.as_deref(),
-                opts,
-                &mut report,
-            )
-        });
-        report.seconds = started.elapsed().as_secs_f64();
-        report.loaded = engine.is_ok();
+        let (engine, report) = load_timed(&model, &dir, &enc, signature.as_deref(), opts);
         Ok::<_, ApiError>((lock, dir, engine, report))
     })
     .await??;
@@ -596,20 +601,7 @@ async fn switch_model(
         let info = store.model_info(&model).map_err(not_found)?;
         let version = info.resolve_version(&selector).map_err(not_found)?;
         let dir = store.version_dir(&model, &version);
-        let mut report = ModelLoadReport::new(&n);
-        let started = std::time::Instant::now();
-        let engine = keyring_for(&enc, &dir).and_then(|keyring| {
-            crate::load_model(
-                &n,
-                &dir,
-                keyring.as_ref(),
-                signature.as_deref(),
-                opts,
-                &mut report,
-            )
-        });
-        report.seconds = started.elapsed().as_secs_f64();
-        report.loaded = engine.is_ok();
+        let (engine, report) = load_timed(&n, &dir, &enc, signature.as_deref(), opts);
         // `current` moves only once the version has verified and loaded.
         if engine.is_ok() {
             store
