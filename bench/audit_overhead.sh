@@ -13,9 +13,12 @@
 #    encrypted (`pull --encrypt`), warm page cache, on one core (taskset)
 #    and on all cores: verify decrypts and hashes exactly as a load does.
 #
-#   bench/audit_overhead.sh      env: RATE SECONDS CONNS ROUNDS SIZE_MIB RUNS
+#   bench/audit_overhead.sh      env: RATE SECONDS CONNS ROUNDS SIZE_MIB RUNS PIN
 source "$(dirname "$0")/common.sh"
 RATE="${RATE:-5000}"
+# PIN=1: the server on core 1, the load generator on core 0 (taskset), so
+# the generator's own scheduling does not land in the server's latency.
+if [ "${PIN:-0}" = 1 ]; then SERVER_PIN=(taskset -c 1); LOAD_PIN=(taskset -c 0); else SERVER_PIN=(); LOAD_PIN=(); fi
 SECS="${SECONDS_PER_RUN:-${SECS:-10}}"
 CONNS="${CONNS:-64}"
 ROUNDS="${ROUNDS:-3}"
@@ -57,7 +60,7 @@ config() { # MODE → config file
 
 # Like common.sh's start_server, with one log per run kept for a post-mortem.
 start_logged() { # CONFIG LOG → SERVER_PID, BASE_URL
-  "$MOAT" serve --config "$1" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >/dev/null 2>"$2" &
+  "${SERVER_PIN[@]}" "$MOAT" serve --config "$1" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >/dev/null 2>"$2" &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     if grep -q 'inference plane listening' "$2"; then
@@ -78,7 +81,7 @@ for round in $(seq 1 "$ROUNDS"); do
     start_logged "$(config "$mode")" "$WORK/serve-$mode-$round.log"
     url="${BASE_URL}/models"
     # 2 s of warm-up at the same rate, not counted.
-    out="$("$LOAD" --url "$url" --rate "$RATE" --seconds "$SECS" --warmup 2 --connections "$CONNS" \
+    out="$("${LOAD_PIN[@]}" "$LOAD" --url "$url" --rate "$RATE" --seconds "$SECS" --warmup 2 --connections "$CONNS" \
       --header "authorization: Bearer $KEY")" || { echo "load run failed: $out" >&2; exit 1; }
     stop_server
     echo "round $round $mode: $out" >&2
