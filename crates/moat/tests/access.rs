@@ -22,44 +22,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-/// (status, headers, body) of `GET url` with an optional bearer value.
-fn get_full(url: &str, bearer: Option<&str>) -> (u16, ureq::http::HeaderMap, Value) {
-    let mut req = agent().get(url);
-    if let Some(b) = bearer {
-        req = req.header("Authorization", &format!("Bearer {b}"));
-    }
-    let mut resp = req.call().unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (
-        status,
-        headers,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// The metrics text, read with an admin key.
 fn metrics_text(server: &Server, admin: &str) -> String {
     let (status, _, body) = get_full(&format!("{}/metrics", server.metrics), Some(admin));
     assert_eq!(status, 200);
     body.as_str().unwrap().to_owned()
-}
-
-fn rejections(text: &str, stage: &str, reason: &str) -> u64 {
-    let needle = format!("moat_rejections_total{{stage=\"{stage}\",reason=\"{reason}\"}}");
-    text.lines()
-        .find(|l| l.starts_with(&needle))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// A store (serving no loaded model: the access checks need none) with an
@@ -71,10 +38,6 @@ fn store() -> (tempfile::TempDir, PathBuf, String, String) {
     let (_, admin) = create_key(&store, "admin", None);
     let (_, user) = create_key(&store, "user", None);
     (t, store, admin, user)
-}
-
-fn base_config(store: &Path) -> String {
-    format!("home = \"{}\"\n[[models]]\nname = \"absent\"\n", store.display())
 }
 
 // ---------------------------------------------------------------- TLS
@@ -267,10 +230,6 @@ fn connection_from_outside_the_allowlist_is_dropped_and_counted() {
 
 const ISS: &str = "https://idp.test";
 
-fn es_key(seed: u8) -> p256::ecdsa::SigningKey {
-    p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap()
-}
-
 fn jwk(seed: u8, kid: &str) -> Value {
     let point = es_key(seed).verifying_key().to_sec1_point(false);
     let b = point.as_bytes();
@@ -284,13 +243,6 @@ fn token(seed: u8, header: Value, claims: Value) -> String {
     let input = format!("{h}.{c}");
     let sig: p256::ecdsa::Signature = es_key(seed).sign(input.as_bytes());
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn claims(extra: Value) -> Value {

@@ -26,43 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-/// (status, headers, body) of `GET url` with an optional bearer value.
-fn get_full(url: &str, bearer: Option<&str>) -> (u16, ureq::http::HeaderMap, Value) {
-    let mut req = agent().get(url);
-    if let Some(b) = bearer {
-        req = req.header("Authorization", &format!("Bearer {b}"));
-    }
-    let mut resp = req.call().unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (
-        status,
-        headers,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 fn metrics_text(server: &Server, admin: &str) -> String {
     let (status, _, body) = get_full(&format!("{}/metrics", server.metrics), Some(admin));
     assert_eq!(status, 200, "{body}");
     body.as_str().unwrap().to_owned()
-}
-
-fn rejections(text: &str, stage: &str, reason: &str) -> u64 {
-    let needle = format!("moat_rejections_total{{stage=\"{stage}\",reason=\"{reason}\"}}");
-    text.lines()
-        .find(|l| l.starts_with(&needle))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// Waits until the counter reaches `at_least`; panics with the metrics.
@@ -99,10 +66,6 @@ fn store() -> (tempfile::TempDir, PathBuf, String, String) {
     let (_, admin) = create_key(&store, "admin", None);
     let (_, user) = create_key(&store, "user", None);
     (t, store, admin, user)
-}
-
-fn base_config(store: &Path) -> String {
-    format!("home = \"{}\"\n[[models]]\nname = \"absent\"\n", store.display())
 }
 
 /// `moat keys create` with extra flags; returns (exit code, id, secret, stderr).
@@ -416,22 +379,11 @@ fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
 
 // ---------------------------------------------------------------- OIDC discovery
 
-fn es_key(seed: u8) -> p256::ecdsa::SigningKey {
-    p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap()
-}
-
 fn jwk(seed: u8, kid: &str) -> Value {
     let point = es_key(seed).verifying_key().to_sec1_point(false);
     let b = point.as_bytes();
     json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
            "x": URL_SAFE_NO_PAD.encode(&b[1..33]), "y": URL_SAFE_NO_PAD.encode(&b[33..65])})
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn token(seed: u8, kid: &str, iss: &str) -> String {

@@ -16,13 +16,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
 /// One call: (status, JSON body). `totp` goes in `x-moat-totp`.
 fn call(method: &str, url: &str, key: Option<&str>, totp: Option<&str>, body: Option<Value>) -> (u16, Value) {
     let a = agent();

@@ -229,7 +229,7 @@ impl Drop for Server {
     }
 }
 
-fn agent() -> ureq::Agent {
+pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -364,4 +364,47 @@ pub fn start_redis() -> Option<Redis> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Some(Redis { child, addr })
+}
+
+// Shared by the access tests (access.rs, access_limits.rs).
+
+/// (status, headers, body) of `GET url` with an optional bearer value.
+pub fn get_full(url: &str, bearer: Option<&str>) -> (u16, ureq::http::HeaderMap, serde_json::Value) {
+    let mut req = agent().get(url);
+    if let Some(b) = bearer {
+        req = req.header("Authorization", &format!("Bearer {b}"));
+    }
+    let mut resp = req.call().unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+pub fn rejections(text: &str, stage: &str, reason: &str) -> u64 {
+    let needle = format!("moat_rejections_total{{stage=\"{stage}\",reason=\"{reason}\"}}");
+    text.lines()
+        .find(|l| l.starts_with(&needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+pub fn base_config(store: &Path) -> String {
+    format!("home = \"{}\"\n[[models]]\nname = \"absent\"\n", store.display())
+}
+
+pub fn es_key(seed: u8) -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap()
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
