@@ -12,32 +12,10 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const STREAMS: usize = 20;
-
-/// One streaming chat completion over a raw connection; returns everything
-/// the server sent until it closed the connection.
-fn stream_chat(addr: &str, key: &str, max_tokens: u32) -> String {
-    let body = format!(
-        r#"{{"model":"m","stream":true,"max_tokens":{max_tokens},"temperature":1.0,"seed":7,"messages":[{{"role":"user","content":"count"}}]}}"#
-    );
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 #[test]
 fn sigterm_drains_streams_to_done_or_the_deadline_error() {
@@ -59,7 +37,7 @@ fn sigterm_drains_streams_to_done_or_the_deadline_error() {
     let clients: Vec<_> = (0..STREAMS)
         .map(|_| {
             let (addr, key) = (addr.clone(), key.clone());
-            std::thread::spawn(move || stream_chat(&addr, &key, 1000))
+            std::thread::spawn(move || stream_chat(&addr, &key, "m", 1000))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(800));

@@ -11,8 +11,6 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -154,25 +152,6 @@ fn model_control_none_answers_405_and_user_role_is_refused() {
     assert_eq!(s, 200);
     assert_eq!(rejections(&server, &admin, "management", "model_control_none"), 3);
     assert!(rejections(&server, &admin, "rbac", "missing_permission") >= 3);
-}
-
-/// One streaming chat over a raw connection; everything the server sent.
-fn stream_chat(addr: &str, key: &str, model: &str, max_tokens: u32) -> String {
-    let body = format!(
-        r#"{{"model":"{model}","stream":true,"max_tokens":{max_tokens},"temperature":1.0,"seed":7,"messages":[{{"role":"user","content":"count"}}]}}"#
-    );
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]

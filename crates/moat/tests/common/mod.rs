@@ -408,3 +408,25 @@ pub fn now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// One streaming chat completion over a raw connection (`Connection:
+/// close`); everything the server sent until it closed the connection.
+pub fn stream_chat(addr: &str, key: &str, model: &str, max_tokens: u32) -> String {
+    let body = format!(
+        r#"{{"model":"{model}","stream":true,"max_tokens":{max_tokens},"temperature":1.0,"seed":7,"messages":[{{"role":"user","content":"count"}}]}}"#
+    );
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
