@@ -16,6 +16,7 @@
 //! HTTP, as a client.
 
 pub mod backend;
+pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod generate;
