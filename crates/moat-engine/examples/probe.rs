@@ -13,7 +13,11 @@
 //! ```
 //! PATH is a `.gguf` file or a Hugging Face folder (config.json + safetensors).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a developer tool: fail loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a developer tool: fail loudly"
+)]
 
 use moat_artifact::Store;
 use moat_artifact::name::ModelName;
@@ -35,7 +39,11 @@ fn usage() -> ! {
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     let i = args.iter().position(|a| a == name)?;
-    Some(args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()))
+    Some(
+        args.get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| usage()),
+    )
 }
 
 fn load(path: &Path, quantize: Option<QType>) -> Box<dyn BatchModel> {
@@ -127,13 +135,21 @@ fn prompt_ids(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let mut s = 0x2545_F491_4F6C_DD1D_u64 ^ salt;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
 }
 
-fn bench(m: &dyn BatchModel, prompt_n: usize, gen_n: usize, reps: usize, streams: usize) -> serde_json::Value {
+fn bench(
+    m: &dyn BatchModel,
+    prompt_n: usize,
+    gen_n: usize,
+    reps: usize,
+    streams: usize,
+) -> serde_json::Value {
     let vocab = m.vocab_size();
     let (mut pp, mut tg, mut agg) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
@@ -162,7 +178,9 @@ fn bench(m: &dyn BatchModel, prompt_n: usize, gen_n: usize, reps: usize, streams
         if streams > 1 {
             // `streams` sequences with short prompts, decoded together.
             let mut caches: Vec<_> = (0..streams).map(|_| m.new_cache(16 + gen_n + 1)).collect();
-            let prompts: Vec<Vec<u32>> = (0..streams).map(|s| prompt_ids(16, vocab, 100 + s as u64)).collect();
+            let prompts: Vec<Vec<u32>> = (0..streams)
+                .map(|s| prompt_ids(16, vocab, 100 + s as u64))
+                .collect();
             let mut batch: Vec<SeqInput> = prompts
                 .iter()
                 .zip(caches.iter_mut())
@@ -202,11 +220,17 @@ fn main() {
         Some("q4k") => Some(QType::Q4K),
         Some(_) => usage(),
     };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
     let m = load(&path, quantize);
     let out = if args.iter().any(|a| a == "greedy") {
         let prompt: String = arg(&args, "--prompt").unwrap_or_else(|| usage());
-        let prompt: Vec<u32> = prompt.split(',').map(|t| t.trim().parse().unwrap_or_else(|_| usage())).collect();
+        let prompt: Vec<u32> = prompt
+            .split(',')
+            .map(|t| t.trim().parse().unwrap_or_else(|_| usage()))
+            .collect();
         let steps = arg(&args, "--steps").unwrap_or(32);
         pool.install(|| greedy(m.as_ref(), &prompt, steps))
     } else if args.iter().any(|a| a == "bench") {

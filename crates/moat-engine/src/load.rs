@@ -2,6 +2,10 @@
 //! tokenizer, the chat template and the safetensors weights, all from the
 //! bytes in the [`VerifiedModel`]; nothing is read from disk here.
 
+use crate::cpu::BatchModel;
+use crate::cpu::gguf::Gguf;
+use crate::cpu::load::{WeightOptions, from_gguf, from_safetensors};
+use crate::cpu::quant::QType;
 use crate::error::EngineError;
 use crate::template::ChatTemplate;
 use candle_core::{DType, Device};
@@ -11,10 +15,6 @@ use moat_artifact::VerifiedModel;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use tokenizers::Tokenizer;
-use crate::cpu::BatchModel;
-use crate::cpu::gguf::Gguf;
-use crate::cpu::load::{WeightOptions, from_gguf, from_safetensors};
-use crate::cpu::quant::QType;
 
 /// Everything the generator needs, owned.
 pub struct Loaded {
@@ -234,22 +234,36 @@ fn template_source(model: &VerifiedModel, tcfg: &Value) -> Result<Option<String>
                     )
                 })?,
         ),
-        Some(_) => return Err(err(model, "tokenizer_config.json: chat_template is not a string or list")),
+        Some(_) => {
+            return Err(err(
+                model,
+                "tokenizer_config.json: chat_template is not a string or list",
+            ));
+        }
     })
 }
 
 /// Tokenizer, template and special tokens from the Hugging Face files, with
 /// the GGUF metadata (when the weights are a GGUF file) filling what they lack.
-fn text_parts(model: &VerifiedModel, config: Option<&Value>, gguf: Option<&Gguf>) -> Result<TextParts, EngineError> {
+fn text_parts(
+    model: &VerifiedModel,
+    config: Option<&Value>,
+    gguf: Option<&Gguf>,
+) -> Result<TextParts, EngineError> {
     let tokenizer = match (model.file("tokenizer.json"), gguf) {
         (Some(bytes), _) => {
             Tokenizer::from_bytes(bytes).map_err(|e| err(model, format!("tokenizer.json: {e}")))?
         }
-        (None, Some(g)) => crate::cpu::vocab::tokenizer(g).map_err(|e| err(model, format!("GGUF vocabulary: {e}")))?,
+        (None, Some(g)) => {
+            crate::cpu::vocab::tokenizer(g).map_err(|e| err(model, format!("GGUF vocabulary: {e}")))?
+        }
         (None, None) => return Err(err(model, "tokenizer.json is missing")),
     };
     let tcfg = json_file(model, "tokenizer_config.json")?.unwrap_or(Value::Null);
-    let gguf_str = |key: &str| gguf.and_then(|g| g.get(key)).and_then(crate::cpu::gguf::Value::as_str);
+    let gguf_str = |key: &str| {
+        gguf.and_then(|g| g.get(key))
+            .and_then(crate::cpu::gguf::Value::as_str)
+    };
     let gguf_token = |key: &str| {
         gguf.and_then(|g| g.get(key))
             .and_then(crate::cpu::gguf::Value::as_u64)
@@ -271,7 +285,8 @@ fn text_parts(model: &VerifiedModel, config: Option<&Value>, gguf: Option<&Gguf>
     let eos = token_text(tcfg.get("eos_token"))
         .or_else(|| id_text(gguf_token("tokenizer.ggml.eos_token_id")))
         .unwrap_or_default();
-    let template = ChatTemplate::new(source, bos, eos.clone()).map_err(|e| err(model, format!("chat template: {e}")))?;
+    let template =
+        ChatTemplate::new(source, bos, eos.clone()).map_err(|e| err(model, format!("chat template: {e}")))?;
 
     let generation = json_file(model, "generation_config.json")?;
     let mut eos_ids = ids(generation.as_ref().and_then(|g| g.get("eos_token_id")));
@@ -315,7 +330,10 @@ pub struct EngineModel {
 /// fail this one load, never the server.
 pub fn load_engine(model: VerifiedModel, opts: LoadOptions) -> Result<EngineModel, EngineError> {
     let name = model.name().to_owned();
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || load_engine_inner(model, opts))).unwrap_or_else(|_| {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        load_engine_inner(model, opts)
+    }))
+    .unwrap_or_else(|_| {
         Err(EngineError::Load {
             model: name,
             message: "the loader panicked on this model's files; the model is refused".into(),
@@ -335,7 +353,9 @@ fn load_engine_inner(mut model: VerifiedModel, opts: LoadOptions) -> Result<Engi
         .collect();
     match ggufs.as_slice() {
         [one] => {
-            let bytes = model.take_file(one).ok_or_else(|| err(&model, format!("{one}: listed twice")))?;
+            let bytes = model
+                .take_file(one)
+                .ok_or_else(|| err(&model, format!("{one}: listed twice")))?;
             let (m, g) = from_gguf(&bytes, weights).map_err(|e| err(&model, format!("{one}: {e}")))?;
             drop(bytes);
             let config = json_file(&model, "config.json")?;
@@ -346,11 +366,14 @@ fn load_engine_inner(mut model: VerifiedModel, opts: LoadOptions) -> Result<Engi
             })
         }
         [] => {
-            let config = json_file(&model, "config.json")?.ok_or_else(|| err(&model, "config.json is missing"))?;
+            let config =
+                json_file(&model, "config.json")?.ok_or_else(|| err(&model, "config.json is missing"))?;
             let text = text_parts(&model, Some(&config), None)?;
             let mut files = Vec::new();
             for f in weight_files(&model)? {
-                let bytes = model.take_file(&f).ok_or_else(|| err(&model, format!("{f}: listed twice")))?;
+                let bytes = model
+                    .take_file(&f)
+                    .ok_or_else(|| err(&model, format!("{f}: listed twice")))?;
                 files.push((f, bytes));
             }
             let m = from_safetensors(&config, &files, weights).map_err(|e| err(&model, e))?;
@@ -361,7 +384,11 @@ fn load_engine_inner(mut model: VerifiedModel, opts: LoadOptions) -> Result<Engi
         }
         many => Err(err(
             &model,
-            format!("{} GGUF files ({}); serve one model per name", many.len(), many.join(", ")),
+            format!(
+                "{} GGUF files ({}); serve one model per name",
+                many.len(),
+                many.join(", ")
+            ),
         )),
     }
 }

@@ -88,8 +88,7 @@ impl Gguf {
 /// Bytes per block and elements per block for the tensor types the engine
 /// can compute with; other types are refused by name at load.
 fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
-    crate::cpu::quant::QType::from_ggml(ggml_type)
-        .map(|t| (t.block_elems() as u64, t.block_bytes() as u64))
+    crate::cpu::quant::QType::from_ggml(ggml_type).map(|t| (t.block_elems() as u64, t.block_bytes() as u64))
 }
 
 struct Reader<'a> {
@@ -136,7 +135,9 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let n = self.u64(what)?;
         if n > MAX_STRING_LEN {
-            return Err(format!("offset {at}: {what} is {n} bytes; the limit is {MAX_STRING_LEN}"));
+            return Err(format!(
+                "offset {at}: {what} is {n} bytes; the limit is {MAX_STRING_LEN}"
+            ));
         }
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| format!("offset {at}: {what} is not UTF-8"))
@@ -165,7 +166,9 @@ impl<'a> Reader<'a> {
                 // Each element takes at least one byte: a count beyond the
                 // bytes left cannot be honest, and must not size an allocation.
                 if n > (self.buf.len() - self.pos) as u64 {
-                    return Err(format!("offset {at}: array {key} of {n} elements overruns the file"));
+                    return Err(format!(
+                        "offset {at}: array {key} of {n} elements overruns the file"
+                    ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -176,7 +179,12 @@ impl<'a> Reader<'a> {
             10 => Value::Uint(self.u64(key)?),
             11 => Value::Int(i64::from_le_bytes(self.arr(key)?)),
             12 => Value::Float(f64::from_le_bytes(self.arr(key)?)),
-            _ => return Err(format!("offset {}: {key}: unknown or nested value type {t}", self.pos)),
+            _ => {
+                return Err(format!(
+                    "offset {}: {key}: unknown or nested value type {t}",
+                    self.pos
+                ));
+            }
         })
     }
 }
@@ -190,7 +198,9 @@ pub fn parse(buf: &[u8]) -> Result<Gguf, String> {
     }
     let version = r.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("offset 4: GGUF version {version} is not supported (2 or 3)"));
+        return Err(format!(
+            "offset 4: GGUF version {version} is not supported (2 or 3)"
+        ));
     }
     let n_tensors = r.u64("tensor count")?;
     let n_kv = r.u64("metadata count")?;
@@ -226,7 +236,9 @@ pub fn parse(buf: &[u8]) -> Result<Gguf, String> {
         let name = r.string("tensor name")?;
         let nd = r.u32(&name)?;
         if nd == 0 || nd > MAX_DIMS {
-            return Err(format!("offset {at}: tensor {name:?} has {nd} dimensions (1 to {MAX_DIMS})"));
+            return Err(format!(
+                "offset {at}: tensor {name:?} has {nd} dimensions (1 to {MAX_DIMS})"
+            ));
         }
         let mut dims = Vec::new();
         for _ in 0..nd {
@@ -252,14 +264,14 @@ pub fn parse(buf: &[u8]) -> Result<Gguf, String> {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| format!("offset {at}: tensor {name:?}: element count overflows"))?;
-        if dims[0] % per_block != 0 {
+        if !dims[0].is_multiple_of(per_block) {
             return Err(format!(
                 "tensor {name:?}: its first dimension {} is not a multiple of the block size {per_block}",
                 dims[0]
             ));
         }
         let size = elems / per_block * block_bytes;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(format!(
                 "offset {at}: tensor {name:?}: data offset {offset} is not aligned to {alignment}"
             ));
@@ -292,7 +304,11 @@ mod tests {
     use super::*;
 
     /// A minimal writer for the tests: metadata of u32/string values and F32 tensors.
-    pub(crate) fn write(meta: &[(&str, Value)], tensors: &[(&str, Vec<u64>, Vec<f32>)], align: u64) -> Vec<u8> {
+    pub(crate) fn write(
+        meta: &[(&str, Value)],
+        tensors: &[(&str, Vec<u64>, Vec<f32>)],
+        align: u64,
+    ) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend((tensors.len() as u64).to_le_bytes());
@@ -330,14 +346,14 @@ mod tests {
             b.extend(off.to_le_bytes());
             off += (data.len() as u64 * 4).div_ceil(align) * align;
         }
-        while b.len() as u64 % align != 0 {
+        while !(b.len() as u64).is_multiple_of(align) {
             b.push(0);
         }
         for (_, _, data) in tensors {
             for x in data {
                 b.extend(x.to_le_bytes());
             }
-            while b.len() as u64 % align != 0 {
+            while !(b.len() as u64).is_multiple_of(align) {
                 b.push(0);
             }
         }
@@ -347,7 +363,10 @@ mod tests {
     #[test]
     fn parses_metadata_and_tensors() {
         let f = write(
-            &[("general.architecture", Value::Str("qwen2".into())), ("n", Value::Uint(7))],
+            &[
+                ("general.architecture", Value::Str("qwen2".into())),
+                ("n", Value::Uint(7)),
+            ],
             &[("a", vec![2, 3], vec![1.0; 6]), ("b", vec![4], vec![2.0; 4])],
             32,
         );
@@ -361,7 +380,11 @@ mod tests {
 
     #[test]
     fn alignment_zero_is_an_error_not_a_panic() {
-        let f = write(&[("general.alignment", Value::Uint(0))], &[("a", vec![4], vec![1.0; 4])], 32);
+        let f = write(
+            &[("general.alignment", Value::Uint(0))],
+            &[("a", vec![4], vec![1.0; 4])],
+            32,
+        );
         let e = parse(&f).unwrap_err();
         assert!(e.contains("general.alignment"), "{e}");
     }

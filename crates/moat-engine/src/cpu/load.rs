@@ -49,7 +49,12 @@ impl Tensors for GgufTensors<'_> {
             [c] => (*c, 1),
             [c, r] => (*c, *r),
             [c, r, rest @ ..] if rest.iter().all(|&d| d == 1) => (*c, *r),
-            d => return Err(format!("tensor {name}: {} dimensions where at most 2 were expected", d.len())),
+            d => {
+                return Err(format!(
+                    "tensor {name}: {} dimensions where at most 2 were expected",
+                    d.len()
+                ));
+            }
         };
         let (rows, cols) = (
             usize::try_from(rows).map_err(|_| format!("tensor {name}: too large"))?,
@@ -83,7 +88,11 @@ impl Tensors for StTensors<'_> {
         let (rows, cols) = match v.shape() {
             [c] => (1, *c),
             [r, c] => (*r, *c),
-            s => return Err(format!("tensor {name}: shape {s:?} where a vector or matrix was expected")),
+            s => {
+                return Err(format!(
+                    "tensor {name}: shape {s:?} where a vector or matrix was expected"
+                ));
+            }
         };
         Ok(Some(Raw {
             t,
@@ -95,8 +104,11 @@ impl Tensors for StTensors<'_> {
 }
 
 fn matrix(src: &dyn Tensors, name: &str, quantize: Option<QType>) -> Result<QMatrix, String> {
-    let raw = src.raw(name)?.ok_or_else(|| format!("tensor {name} is missing"))?;
-    let m = QMatrix::from_ggml(raw.t, raw.rows, raw.cols, raw.bytes).map_err(|e| format!("tensor {name}: {e}"))?;
+    let raw = src
+        .raw(name)?
+        .ok_or_else(|| format!("tensor {name} is missing"))?;
+    let m = QMatrix::from_ggml(raw.t, raw.rows, raw.cols, raw.bytes)
+        .map_err(|e| format!("tensor {name}: {e}"))?;
     let Some(target) = quantize else {
         return Ok(m);
     };
@@ -114,18 +126,22 @@ fn matrix(src: &dyn Tensors, name: &str, quantize: Option<QType>) -> Result<QMat
     }
     let mut f = vec![0f32; raw.rows * raw.cols];
     for (r, row) in f.chunks_exact_mut(raw.cols).enumerate() {
-        m.dequantize_row(r, row);
+        m.dequantize_row(r, row)
+            .map_err(|e| format!("tensor {name}: {e}"))?;
     }
     drop(m);
     QMatrix::from_f32(target, raw.rows, raw.cols, &f).map_err(|e| format!("tensor {name}: quantising: {e}"))
 }
 
 fn vector(src: &dyn Tensors, name: &str) -> Result<Vec<f32>, String> {
-    let raw = src.raw(name)?.ok_or_else(|| format!("tensor {name} is missing"))?;
+    let raw = src
+        .raw(name)?
+        .ok_or_else(|| format!("tensor {name} is missing"))?;
     let n = raw.rows * raw.cols;
     let m = QMatrix::from_ggml(raw.t, 1, n, raw.bytes).map_err(|e| format!("tensor {name}: {e}"))?;
     let mut out = vec![0f32; n];
-    m.dequantize_row(0, &mut out);
+    m.dequantize_row(0, &mut out)
+        .map_err(|e| format!("tensor {name}: {e}"))?;
     Ok(out)
 }
 
@@ -222,7 +238,12 @@ fn build(
     let head = match src.raw(names.head)? {
         Some(_) => Some(matrix(src, names.head, quantize)?),
         None if tied => None,
-        None => return Err(format!("tensor {} is missing (and embeddings are not tied)", names.head)),
+        None => {
+            return Err(format!(
+                "tensor {} is missing (and embeddings are not tied)",
+                names.head
+            ));
+        }
     };
     let norm = vector(src, names.norm)?;
     Model::new(cfg, embed, layers, norm, head)
@@ -286,13 +307,22 @@ pub fn from_gguf(bytes: &[u8], opts: WeightOptions) -> Result<(Model, Gguf), Str
             .and_then(gguf::Value::as_f64)
             .ok_or_else(|| format!("metadata {} is missing", k("attention.layer_norm_rms_epsilon")))?
             as f32,
-        rope_theta: g.get(&k("rope.freq_base")).and_then(gguf::Value::as_f64).unwrap_or(10_000.0) as f32,
+        rope_theta: g
+            .get(&k("rope.freq_base"))
+            .and_then(gguf::Value::as_f64)
+            .unwrap_or(10_000.0) as f32,
         rope_style,
         rope_freq_factors,
         context: meta_u(&g, &k("context_length"))?.min(opts.max_context),
         sliding_window: None,
     };
-    let model = build(cfg, &GgufTensors { g: &g, bytes }, &GGUF_NAMES, true, opts.quantize)?;
+    let model = build(
+        cfg,
+        &GgufTensors { g: &g, bytes },
+        &GGUF_NAMES,
+        true,
+        opts.quantize,
+    )?;
     Ok((model, g))
 }
 
@@ -306,7 +336,9 @@ fn cfg_u(c: &Value, key: &str) -> Result<usize, String> {
 fn cfg_f(c: &Value, key: &str, default: f64) -> Result<f64, String> {
     match c.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| format!("config.json: {key} is not a number")),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| format!("config.json: {key} is not a number")),
     }
 }
 
@@ -348,7 +380,11 @@ fn llama3_factors(scaling: &Value, theta: f64, head_dim: usize) -> Result<Vec<f3
 }
 
 /// A model from `config.json` and its safetensors files.
-pub fn from_safetensors(config: &Value, files: &[(String, Vec<u8>)], opts: WeightOptions) -> Result<Model, String> {
+pub fn from_safetensors(
+    config: &Value,
+    files: &[(String, Vec<u8>)],
+    opts: WeightOptions,
+) -> Result<Model, String> {
     let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
     let archs: Vec<&str> = config
         .get("architectures")
@@ -374,7 +410,10 @@ pub fn from_safetensors(config: &Value, files: &[(String, Vec<u8>)], opts: Weigh
     let rope_freq_factors = match config.get("rope_scaling") {
         None | Some(Value::Null) => Vec::new(),
         Some(s) => {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(Value::as_str);
             match kind {
                 Some("llama3") => llama3_factors(s, theta, head_dim)?,
                 Some("default") => Vec::new(),
@@ -386,17 +425,17 @@ pub fn from_safetensors(config: &Value, files: &[(String, Vec<u8>)], opts: Weigh
             }
         }
     };
-    let sliding_window = if arch == Arch::Qwen2 && config.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
-    {
-        let layers = cfg_u(config, "num_hidden_layers")?;
-        let from = config
-            .get("max_window_layers")
-            .and_then(Value::as_u64)
-            .map_or(layers, |v| v as usize);
-        Some((cfg_u(config, "sliding_window")?, from))
-    } else {
-        None
-    };
+    let sliding_window =
+        if arch == Arch::Qwen2 && config.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            let layers = cfg_u(config, "num_hidden_layers")?;
+            let from = config
+                .get("max_window_layers")
+                .and_then(Value::as_u64)
+                .map_or(layers, |v| v as usize);
+            Some((cfg_u(config, "sliding_window")?, from))
+        } else {
+            None
+        };
     let cfg = Config {
         arch,
         hidden,
@@ -416,7 +455,10 @@ pub fn from_safetensors(config: &Value, files: &[(String, Vec<u8>)], opts: Weigh
         context: cfg_u(config, "max_position_embeddings")?.min(opts.max_context),
         sliding_window,
     };
-    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut views = HashMap::new();
     for (file, bytes) in files {
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("{file}: {e}"))?;

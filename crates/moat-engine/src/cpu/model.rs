@@ -82,13 +82,13 @@ impl Config {
         if let Some((what, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{what} is 0"));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head size {} is odd; RoPE needs pairs", self.head_dim));
         }
         if !self.rope_freq_factors.is_empty() && self.rope_freq_factors.len() != self.head_dim / 2 {
@@ -98,7 +98,11 @@ impl Config {
                 self.head_dim / 2
             ));
         }
-        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) || !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+        let usable = self.rms_eps.is_finite()
+            && self.rms_eps >= 0.0
+            && self.rope_theta.is_finite()
+            && self.rope_theta > 0.0;
+        if !usable {
             return Err(format!(
                 "rms epsilon {} / rope theta {} are not usable",
                 self.rms_eps, self.rope_theta
@@ -235,7 +239,8 @@ impl Model {
         let mut x = vec![0f32; n * h];
         x.par_chunks_mut(h)
             .zip(tokens.par_iter())
-            .for_each(|(row, &t)| self.embed.dequantize_row(t as usize, row));
+            .try_for_each(|(row, &t)| self.embed.dequantize_row(t as usize, row))
+            .map_err(|e| EngineError::Inference(format!("embedding: {e}")))?;
 
         // cos/sin per token and frequency pair, shared by every layer.
         let half = hd / 2;
@@ -263,7 +268,11 @@ impl Model {
             mm(&layer.q, &xn, n, &mut q)?;
             mm(&layer.k, &xn, n, &mut k)?;
             mm(&layer.v, &xn, n, &mut v)?;
-            for (buf, bias) in [(&mut q, &layer.q_bias), (&mut k, &layer.k_bias), (&mut v, &layer.v_bias)] {
+            for (buf, bias) in [
+                (&mut q, &layer.q_bias),
+                (&mut k, &layer.k_bias),
+                (&mut v, &layer.v_bias),
+            ] {
                 if let Some(b) = bias {
                     buf.par_chunks_mut(b.len()).for_each(|row| {
                         row.iter_mut().zip(b).for_each(|(a, b)| *a += b);

@@ -10,7 +10,9 @@ use super::{BatchModel, SeqInput};
 use crate::sampling::SplitMix64;
 
 fn rand(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 /// Dense weights of a tiny model, kept as f32 for the reference.
@@ -62,7 +64,7 @@ fn dense(cfg: Config, seed: u64) -> Dense {
     let mut r = SplitMix64::new(seed);
     let (h, q, kv, i) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
     let bias = cfg.arch == Arch::Qwen2;
-    let mut norm = |r: &mut SplitMix64, n| rand(r, n, 0.2).into_iter().map(|x| 1.0 + x).collect::<Vec<_>>();
+    let norm = |r: &mut SplitMix64, n| rand(r, n, 0.2).into_iter().map(|x| 1.0 + x).collect::<Vec<_>>();
     let layers = (0..cfg.layers)
         .map(|_| DenseLayer {
             attn_norm: norm(&mut r, h),
@@ -70,8 +72,16 @@ fn dense(cfg: Config, seed: u64) -> Dense {
             k: rand(&mut r, kv * h, 0.3),
             v: rand(&mut r, kv * h, 0.3),
             bq: if bias { rand(&mut r, q, 0.1) } else { vec![0.0; q] },
-            bk: if bias { rand(&mut r, kv, 0.1) } else { vec![0.0; kv] },
-            bv: if bias { rand(&mut r, kv, 0.1) } else { vec![0.0; kv] },
+            bk: if bias {
+                rand(&mut r, kv, 0.1)
+            } else {
+                vec![0.0; kv]
+            },
+            bv: if bias {
+                rand(&mut r, kv, 0.1)
+            } else {
+                vec![0.0; kv]
+            },
             o: rand(&mut r, h * q, 0.2),
             ffn_norm: norm(&mut r, h),
             gate: rand(&mut r, i * h, 0.2),
@@ -125,7 +135,9 @@ fn model(d: &Dense) -> Model {
 }
 
 fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
-    w.chunks_exact(x.len()).map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    w.chunks_exact(x.len())
+        .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
 }
 
 fn rms(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -201,7 +213,11 @@ fn reference(d: &Dense, tokens: &[u32]) -> Vec<f32> {
             let n = rms(x, &l.ffn_norm, c.rms_eps);
             let g = matvec(&l.gate, &n);
             let u = matvec(&l.up, &n);
-            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let dn = matvec(&l.down, &act);
             x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
         }
@@ -217,7 +233,10 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
 }
 
 fn step(m: &Model, cache: &mut super::KvCache, tokens: &[u32]) -> Vec<f32> {
-    m.forward(&mut [SeqInput { tokens, cache }]).unwrap().pop().unwrap()
+    m.forward(&mut [SeqInput { tokens, cache }])
+        .unwrap()
+        .pop()
+        .unwrap()
 }
 
 #[test]
@@ -232,9 +251,17 @@ fn matches_the_reference_for_both_architectures_and_rope_styles() {
         let tokens = [3u32, 17, 99, 42, 0, 64, 5];
         // Prefill in one go, then token by token: both against the reference.
         let mut cache = m.new_cache(32);
-        close(&step(&m, &mut cache, &tokens[..4]), &reference(&d, &tokens[..4]), 1e-4);
+        close(
+            &step(&m, &mut cache, &tokens[..4]),
+            &reference(&d, &tokens[..4]),
+            1e-4,
+        );
         for n in 5..=tokens.len() {
-            close(&step(&m, &mut cache, &tokens[n - 1..n]), &reference(&d, &tokens[..n]), 1e-4);
+            close(
+                &step(&m, &mut cache, &tokens[n - 1..n]),
+                &reference(&d, &tokens[..n]),
+                1e-4,
+            );
         }
         assert_eq!(cache.len(), tokens.len());
     }
@@ -336,7 +363,11 @@ fn sliding_window_limits_attention_only_from_its_first_layer() {
     cfg.sliding_window = Some((3, 2));
     let mut d2 = d.clone();
     d2.cfg = cfg.clone();
-    close(&step(&model(&d2), &mut model(&d2).new_cache(16), &tokens), &full, 1e-6);
+    close(
+        &step(&model(&d2), &mut model(&d2).new_cache(16), &tokens),
+        &full,
+        1e-6,
+    );
     // …one that applies does.
     cfg.sliding_window = Some((3, 0));
     d2.cfg = cfg;

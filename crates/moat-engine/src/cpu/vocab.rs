@@ -8,7 +8,6 @@
 //! tokenised wrongly.
 
 use super::gguf::{Gguf, Value};
-use std::collections::HashMap;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -36,13 +35,19 @@ fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>, String> {
 }
 
 pub fn tokenizer(g: &Gguf) -> Result<Tokenizer, String> {
-    let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if model != "gpt2" {
         return Err(format!(
             "tokenizer.ggml.model {model:?} is not supported without a tokenizer.json (gpt2 byte-level BPE only)"
         ));
     }
-    let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let regex = match pre {
         "qwen2" | "deepseek-r1-qwen" => QWEN2,
         "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => LLAMA3,
@@ -65,7 +70,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer, String> {
             })
             .collect(),
     };
-    let mut vocab = HashMap::with_capacity(tokens.len());
+    let mut vocab = tokenizers::models::bpe::Vocab::default();
     for (i, t) in tokens.iter().enumerate() {
         let id = u32::try_from(i).map_err(|_| "vocabulary too large".to_owned())?;
         if vocab.insert((*t).to_owned(), id).is_some() {
@@ -86,8 +91,12 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer, String> {
         .build()
         .map_err(|e| format!("BPE: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
-    let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| format!("pre-tokenizer: {e}"))?;
+    let split = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| format!("pre-tokenizer: {e}"))?;
     tok.with_pre_tokenizer(Some(Sequence::new(vec![
         split.into(),
         ByteLevel::new(false, false, false).into(),
@@ -102,6 +111,7 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer, String> {
         .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
         .map(|(s, t)| AddedToken::from((*s).to_owned(), *t == CONTROL))
         .collect();
-    tok.add_special_tokens(&added);
+    tok.add_special_tokens(added)
+        .map_err(|e| format!("special tokens: {e}"))?;
     Ok(tok)
 }
