@@ -16,7 +16,9 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
-    reason = "a developer tool: fail loudly"
+    clippy::panic,
+    clippy::disallowed_methods,
+    reason = "a developer tool: fail loudly, exit 2 on bad usage"
 )]
 
 use moat_artifact::Store;
