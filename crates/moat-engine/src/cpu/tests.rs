@@ -374,3 +374,44 @@ fn sliding_window_limits_attention_only_from_its_first_layer() {
     let windowed = step(&model(&d2), &mut model(&d2).new_cache(16), &tokens);
     assert!(windowed.iter().zip(&full).any(|(a, b)| (a - b).abs() > 1e-3));
 }
+
+#[test]
+fn mixed_encodings_in_one_projection_are_applied_apart() {
+    // Q4_K_M files store V (and some down projections) as Q6_K beside Q4_K
+    // Q and K: the fused path must not be taken, and the result still holds.
+    let d = dense(config(Arch::Qwen2, RopeStyle::Halves), 19);
+    let c = &d.cfg;
+    let (h, q, kv, i) = (c.hidden, c.q_dim(), c.kv_dim(), c.intermediate);
+    let layers = d
+        .layers
+        .iter()
+        .map(|l| Layer {
+            attn_norm: l.attn_norm.clone(),
+            q: qm(q, h, &l.q),
+            k: qm(kv, h, &l.k),
+            v: QMatrix::from_f32(QType::F16, kv, h, &l.v).unwrap(),
+            q_bias: Some(l.bq.clone()),
+            k_bias: Some(l.bk.clone()),
+            v_bias: Some(l.bv.clone()),
+            o: qm(h, q, &l.o),
+            ffn_norm: l.ffn_norm.clone(),
+            gate: qm(i, h, &l.gate),
+            up: QMatrix::from_f32(QType::F16, i, h, &l.up).unwrap(),
+            down: qm(h, i, &l.down),
+        })
+        .collect();
+    let m = Model::new(
+        c.clone(),
+        qm(c.vocab, h, &d.embed),
+        layers,
+        d.norm.clone(),
+        Some(qm(c.vocab, h, &d.head)),
+    )
+    .unwrap();
+    let tokens = [4u32, 8, 15, 16, 23, 42];
+    close(
+        &step(&m, &mut m.new_cache(8), &tokens),
+        &reference(&d, &tokens),
+        2e-2,
+    );
+}
