@@ -749,8 +749,20 @@ mod tests {
             ("backend = \"remote\"", "models[0].backend"),
             ("backend = \"upstream\"", "models[0].upstreams"),
             (
-                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"",
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"ftp://x/v1\"",
                 "models[0].upstreams[0].url",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://x/v1\"\ntls_ca_file = \"/ca.pem\"",
+                "models[0].upstreams[0].tls_ca_file",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"\ntls_ca_file = \"/nonexistent/ca.pem\"",
+                "models[0].upstreams[0].tls_ca_file",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"\ntls_client_key_file = \"/k.pem\"",
+                "models[0].upstreams[0].tls_client_cert_file",
             ),
             (
                 "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://u:p@x/v1\"",
