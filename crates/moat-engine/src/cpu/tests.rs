@@ -415,3 +415,47 @@ fn mixed_encodings_in_one_projection_are_applied_apart() {
         2e-2,
     );
 }
+
+/// The GGUF demo (weights, vocabulary and template in one file) is the
+/// safetensors demo of the same seed: same logits at F32, close at Q8_0,
+/// and its vocabulary tokenizes like the demo's tokenizer.json.
+#[test]
+fn gguf_demo_matches_the_safetensors_demo() {
+    use super::load::{WeightOptions, from_gguf, from_safetensors};
+    use crate::demo::{DemoOptions, write_demo_model};
+    let t = tempfile::tempdir().unwrap();
+    let opts = WeightOptions {
+        max_context: 64,
+        quantize: None,
+    };
+    write_demo_model(&t.path().join("st"), &DemoOptions::default()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("st/config.json")).unwrap()).unwrap();
+    let st = std::fs::read(t.path().join("st/model.safetensors")).unwrap();
+    let reference = from_safetensors(&config, &[("model.safetensors".into(), st)], opts).unwrap();
+    let tokens = [10u32, 200, 3000, 7];
+    let want = step(&reference, &mut reference.new_cache(8), &tokens);
+    for (q, tol) in [(QType::F32, 1e-5), (QType::Q8_0, 0.1)] {
+        let dir = t.path().join(q.name());
+        let d = DemoOptions {
+            gguf: Some(q),
+            ..DemoOptions::default()
+        };
+        write_demo_model(&dir, &d).unwrap();
+        let bytes = std::fs::read(dir.join("model.gguf")).unwrap();
+        let (m, g) = from_gguf(&bytes, opts).unwrap();
+        close(&step(&m, &mut m.new_cache(8), &tokens), &want, tol);
+        let from_vocab = super::vocab::tokenizer(&g).unwrap();
+        let from_json = tokenizers::Tokenizer::from_file(t.path().join("st/tokenizer.json")).unwrap();
+        for text in [
+            "Why is the sky blue?",
+            "<｜User｜>12345 héllo\n\n<think>a</think>",
+        ] {
+            assert_eq!(
+                from_vocab.encode(text, false).unwrap().get_ids(),
+                from_json.encode(text, false).unwrap().get_ids(),
+                "{text:?}"
+            );
+        }
+    }
+}
