@@ -26,6 +26,7 @@ use super::kernels::{self, Act, Level};
 use super::matrix::{Data, QMatrix};
 
 const QK: usize = 32;
+const QK_K: usize = 256;
 
 /// Products of weight rows `r0..` (as many as `out` holds) with every token,
 /// into `out` laid `[row][token]`.
@@ -55,7 +56,15 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
                     && d.len() >= rows_end * cols / QK
                     && q8_act_ok(act)
             }
-            Data::Raw(_) => false,
+            Data::Raw(v) => {
+                let nb = cols / QK_K;
+                cols % QK_K == 0
+                    && matches!(w.qtype(), QType::Q4K | QType::Q6K)
+                    && v.len() >= rows_end * nb * w.qtype().block_bytes()
+                    && act.qs.len() >= n * cols
+                    && act.d.len() >= n * nb
+                    && act.bsums.len() >= n * nb * 16
+            }
         };
     if !ok {
         return kernels::scalar_rows(w, act, r0, out);
@@ -68,7 +77,11 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
         4 * cols
     };
     let panel = (262_144 / act_bytes.max(1)).clamp(4, 256) / 4 * 4;
-    let max_c = if vnni { 4 } else { 2 };
+    let max_c = if vnni && !matches!(w.data, Data::Raw(_)) {
+        4
+    } else {
+        2
+    };
     for p0 in (0..n).step_by(panel) {
         let p1 = (p0 + panel).min(n);
         let mut rt = 0;
@@ -117,7 +130,7 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
                         Data::F32(v) => tile_f(Fw::F32(v), rr, cc, &act.f, &t, out, rt),
                         Data::F16(v) => tile_f(Fw::F16(v), rr, cc, &act.f, &t, out, rt),
                         Data::Bf16(v) => tile_f(Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
-                        Data::Raw(_) => {}
+                        Data::Raw(v) => tile_k(w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
                     }
                 }
                 ct += cc;
@@ -423,6 +436,226 @@ unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
                 s += unsafe { wone::<K>(w, (t.r + i) * k + e) * *x.get_unchecked((t.c + j) * k + e) };
             }
             res[i][j] = s;
+        }
+    }
+    res
+}
+
+/// # Safety
+/// AVX2+FMA present; tile within the checked bounds (`cc` <= 2).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one dispatch point for every tile shape"
+)]
+unsafe fn tile_k(q4k: bool, rr: usize, cc: usize, w: &[u8], act: &Act, t: &Tile, out: &mut [f32], rt: usize) {
+    macro_rules! go {
+        ($r:literal, $c:literal) => {{
+            // SAFETY: forwarded from this function's contract.
+            let res = unsafe {
+                if q4k {
+                    q4k_tile::<$r, $c>(w, act, t)
+                } else {
+                    q6k_tile::<$r, $c>(w, act, t)
+                }
+            };
+            store::<$r, $c>(res, out, rt, t)
+        }};
+    }
+    match (rr, cc) {
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
+/// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
+/// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
+///
+/// # Safety
+/// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
+/// checked bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK_K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut head = [(0f32, 0f32); R];
+        let mut sc = [[0i16; 8]; R];
+        let mut mins = [_mm256_setzero_si256(); R];
+        let mut base = [std::ptr::null::<u8>(); R];
+        for i in 0..R {
+            let off = ((t.r + i) * nb + b) * 144;
+            // SAFETY: the block lies below rows_end*nb*144 <= w.len() (contract).
+            let blk = unsafe { w.get_unchecked(off..off + 144) };
+            let h = super::blocks::q4_k_head(blk);
+            head[i] = (h.d, h.dmin);
+            let mut m16 = [0i16; 16];
+            for j in 0..8 {
+                sc[i][j] = i16::from(h.scales[j]);
+                m16[2 * j] = i16::from(h.mins[j]);
+                m16[2 * j + 1] = i16::from(h.mins[j]);
+            }
+            // SAFETY: m16 is 32 bytes.
+            mins[i] = unsafe { _mm256_loadu_si256(m16.as_ptr().cast()) };
+            base[i] = blk.as_ptr();
+        }
+        let mut isum = [[_mm256_setzero_si256(); C]; R];
+        for k in 0..4 {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            for i in 0..R {
+                // SAFETY: bytes 16+32k..48+32k of the 144-byte block.
+                let v = unsafe { _mm256_loadu_si256(base[i].add(16 + 32 * k).cast()) };
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for j in 0..C {
+                let xo = (t.c + j) * t.cols + b * QK_K + 64 * k;
+                // SAFETY: xo + 64 <= n*cols <= qs.len() (contract).
+                let (xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_si256(a.qs.as_ptr().add(xo).cast()),
+                        _mm256_loadu_si256(a.qs.as_ptr().add(xo + 32).cast()),
+                    )
+                };
+                for i in 0..R {
+                    let pl =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo[i], xl), _mm256_set1_epi16(sc[i][2 * k]));
+                    let ph = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi[i], xh),
+                        _mm256_set1_epi16(sc[i][2 * k + 1]),
+                    );
+                    isum[i][j] = _mm256_add_epi32(isum[i][j], _mm256_add_epi32(pl, ph));
+                }
+            }
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: blk < n*nb: d has it, bsums has 16*blk+16 entries.
+            let (dx, bs) = unsafe {
+                (
+                    *a.d.get_unchecked(blk),
+                    _mm256_loadu_si256(a.bsums.as_ptr().add(16 * blk).cast()),
+                )
+            };
+            for i in 0..R {
+                let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins[i]));
+                let f = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[i][j]),
+                    _mm256_set1_ps(head[i].0 * dx),
+                    acc[i][j],
+                );
+                acc[i][j] = _mm256_fnmadd_ps(msum, _mm256_set1_ps(head[i].1 * dx), f);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
+        }
+    }
+    res
+}
+
+/// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
+/// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
+/// off through the Q8_K block sums.
+///
+/// # Safety
+/// AVX2+FMA present; tile within the checked bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK_K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut d = [0f32; R];
+        let mut sc = [[0i16; 16]; R];
+        let mut sc16 = [_mm256_setzero_si256(); R];
+        let mut base = [std::ptr::null::<u8>(); R];
+        for i in 0..R {
+            let off = ((t.r + i) * nb + b) * 210;
+            // SAFETY: the block lies below rows_end*nb*210 <= w.len() (contract).
+            let blk = unsafe { w.get_unchecked(off..off + 210) };
+            d[i] = super::blocks::q6_k_d(blk);
+            for g in 0..16 {
+                sc[i][g] = i16::from(blk[192 + g] as i8);
+            }
+            // SAFETY: sc[i] is 32 bytes.
+            sc16[i] = unsafe { _mm256_loadu_si256(sc[i].as_ptr().cast()) };
+            base[i] = blk.as_ptr();
+        }
+        let mut isum = [[_mm256_setzero_si256(); C]; R];
+        for h in 0..2 {
+            let mut q = [[_mm256_setzero_si256(); 4]; R];
+            for i in 0..R {
+                // SAFETY: ql at 64h..64h+64, qh at 128+32h..160+32h within the block.
+                let (l0, l1, qh) = unsafe {
+                    (
+                        _mm256_loadu_si256(base[i].add(64 * h).cast()),
+                        _mm256_loadu_si256(base[i].add(64 * h + 32).cast()),
+                        _mm256_loadu_si256(base[i].add(128 + 32 * h).cast()),
+                    )
+                };
+                q[i][0] = _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                );
+                q[i][1] = _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                );
+                q[i][2] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_and_si256(qh, m30),
+                );
+                q[i][3] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                );
+            }
+            for m in 0..4 {
+                let g = 8 * h + 2 * m;
+                let mut scv = [_mm256_setzero_si256(); R];
+                for i in 0..R {
+                    scv[i] = _mm256_set_m128i(_mm_set1_epi16(sc[i][g + 1]), _mm_set1_epi16(sc[i][g]));
+                }
+                for j in 0..C {
+                    let xo = (t.c + j) * t.cols + b * QK_K + 128 * h + 32 * m;
+                    // SAFETY: xo + 32 <= n*cols <= qs.len() (contract).
+                    let xv = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(xo).cast()) };
+                    for i in 0..R {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[i][m], xv), scv[i]);
+                        isum[i][j] = _mm256_add_epi32(isum[i][j], p);
+                    }
+                }
+            }
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: blk < n*nb: d has it, bsums has 16*blk+16 entries.
+            let (dx, bs) = unsafe {
+                (
+                    *a.d.get_unchecked(blk),
+                    _mm256_loadu_si256(a.bsums.as_ptr().add(16 * blk).cast()),
+                )
+            };
+            for i in 0..R {
+                let corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16[i]), 5);
+                let tot = _mm256_sub_epi32(isum[i][j], corr);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_set1_ps(d[i] * dx), acc[i][j]);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
         }
     }
     res
