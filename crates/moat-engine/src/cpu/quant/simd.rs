@@ -246,12 +246,12 @@ unsafe fn q_vnni<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &T
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     for b in 0..nb {
         let mut wv = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
+        let mut dwv = [_mm256_setzero_ps(); R];
         for i in 0..R {
             // SAFETY: row t.r+i < rows_end and block b < nb (contract).
             wv[i] = unsafe { wblock::<Q4>(q.w, q.stride, t.r + i, b) };
             // SAFETY: (t.r+i)*nb + b < rows_end*nb <= wd.len().
-            dw[i] = unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) };
+            dwv[i] = _mm256_set1_ps(unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) });
         }
         for j in 0..C {
             let blk = (t.c + j) * nb + b;
@@ -264,9 +264,10 @@ unsafe fn q_vnni<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &T
                     *a.d.get_unchecked(blk),
                 )
             };
+            let dxv = _mm256_set1_ps(dx);
             for i in 0..R {
                 let dot = _mm256_dpbusd_epi32(cv, wv[i], xv);
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx), acc[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dwv[i], dxv), acc[i][j]);
             }
         }
     }
