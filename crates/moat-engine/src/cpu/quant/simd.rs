@@ -593,37 +593,33 @@ unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
         }
         let mut isum = [[_mm256_setzero_si256(); C]; R];
         for h in 0..2 {
-            let mut q = [[_mm256_setzero_si256(); 4]; R];
-            for i in 0..R {
-                // SAFETY: ql at 64h..64h+64, qh at 128+32h..160+32h within the block.
-                let (l0, l1, qh) = unsafe {
-                    (
-                        _mm256_loadu_si256(base[i].add(64 * h).cast()),
-                        _mm256_loadu_si256(base[i].add(64 * h + 32).cast()),
-                        _mm256_loadu_si256(base[i].add(128 + 32 * h).cast()),
-                    )
-                };
-                q[i][0] = _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
-                );
-                q[i][1] = _mm256_or_si256(
-                    _mm256_and_si256(l1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
-                );
-                q[i][2] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                    _mm256_and_si256(qh, m30),
-                );
-                q[i][3] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                );
-            }
             for m in 0..4 {
                 let g = 8 * h + 2 * m;
+                // Unpack just this 32-element chunk per row: holding all
+                // four chunks of four rows would spill AVX2's 16 registers.
+                let mut q = [_mm256_setzero_si256(); R];
                 let mut scv = [_mm256_setzero_si256(); R];
                 for i in 0..R {
+                    // SAFETY: ql at 64h+32(m%2)..+32 and qh at 128+32h..+32
+                    // lie within the 210-byte block.
+                    let (l, qh) = unsafe {
+                        (
+                            _mm256_loadu_si256(base[i].add(64 * h + 32 * (m % 2)).cast()),
+                            _mm256_loadu_si256(base[i].add(128 + 32 * h).cast()),
+                        )
+                    };
+                    let qh = if m % 2 == 1 { _mm256_srli_epi16(qh, 2) } else { qh };
+                    q[i] = if m < 2 {
+                        _mm256_or_si256(
+                            _mm256_and_si256(l, m4),
+                            _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                        )
+                    } else {
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l, 4), m4),
+                            _mm256_and_si256(qh, m30),
+                        )
+                    };
                     scv[i] = _mm256_set_m128i(_mm_set1_epi16(sc[i][g + 1]), _mm_set1_epi16(sc[i][g]));
                 }
                 for j in 0..C {
@@ -631,7 +627,7 @@ unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
                     // SAFETY: xo + 32 <= n*cols <= qs.len() (contract).
                     let xv = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(xo).cast()) };
                     for i in 0..R {
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[i][m], xv), scv[i]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], xv), scv[i]);
                         isum[i][j] = _mm256_add_epi32(isum[i][j], p);
                     }
                 }
