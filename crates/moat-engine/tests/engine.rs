@@ -65,7 +65,7 @@ fn collect(engine: &Engine, req: ChatRequest) -> (String, String, FinishReason, 
             Event::Done { finish_reason, usage } => {
                 return (content, reasoning, finish_reason, usage.completion_tokens);
             }
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::ChoiceEnd { .. } => {}
             Event::Error(e) => panic!("{e}"),
         }
     }
