@@ -1,31 +1,23 @@
 //! The running engine: validation of requests on the caller's thread
 //! (template, tokenization, every limit) so a bad request never waits in a
-//! queue, then one of two runners per model:
-//!
-//! - [`crate::sched::Scheduler`], continuous batching over a
-//!   [`crate::cpu::BatchModel`] (the engine's own CPU core), started with
-//!   [`Engine::from_batch_model`];
-//! - the candle Qwen2 worker (one request at a time, one internal KV cache),
-//!   which [`Engine::start`] uses until the CPU core loads real weights.
+//! queue, then the model's [`crate::sched::Scheduler`]: continuous batching
+//! over the engine's own CPU core ([`crate::cpu::BatchModel`]).
 //!
 //! Output goes out as [`Event`]s on a channel; when the receiver is dropped
-//! (the client went away) the runner stops generating for that request.
+//! (the client went away) the scheduler stops generating for that request
+//! within one step.
 
 use crate::cpu::BatchModel;
 use crate::error::EngineError;
-use crate::load::{Loaded, load};
+use crate::load::{LoadOptions, load_engine};
 use crate::request::{
     ChatRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Prompt, ROLES, ValidRequest,
 };
 use crate::sampling::SamplingParams;
-use crate::sched::{Choice, SchedOptions, Scheduler, TextSide};
+use crate::sched::{SchedOptions, Scheduler, TextSide};
 use crate::template::ChatTemplate;
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::qwen2;
 use moat_artifact::VerifiedModel;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -87,8 +79,7 @@ impl EngineOptions {
 }
 
 /// The KV cache of a model, now: tokens held by every running sequence
-/// against what may be held (the budget, or the candle worker's context),
-/// and the bytes per token.
+/// against what may be held (the KV budget), and the bytes per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheUsage {
     pub tokens: usize,
@@ -191,99 +182,36 @@ struct Shared {
     vocab: usize,
 }
 
-struct Job {
-    req: ValidRequest,
-    tx: mpsc::Sender<Event>,
-    enqueued: Instant,
-}
-
-/// The candle worker's side of the engine handle.
-struct WorkerHandle {
-    queue: SyncSender<Job>,
-    /// Requests accepted into the queue and not yet taken by the worker
-    /// (the running request is not counted).
-    queued: Arc<AtomicUsize>,
-    /// Tokens in the worker's KV cache now (the worker writes it).
-    kv_tokens: Arc<AtomicUsize>,
-    kv_bytes_per_token: usize,
-}
-
-enum Runner {
-    Worker(WorkerHandle),
-    // Boxed: keeps `Engine` (and `Backend`) small.
-    Sched(Box<Scheduler>),
-}
-
 pub struct Engine {
     name: String,
     revision: String,
     shared: Arc<Shared>,
-    runner: Runner,
+    // Boxed: keeps `Engine` (and `Backend`) small.
+    sched: Box<Scheduler>,
     opts: EngineOptions,
 }
 
 impl Engine {
-    /// Load `model` and start its worker thread.
+    /// Load `model` (GGUF, or safetensors with `config.json`) into the CPU
+    /// core and start its scheduler.
     pub fn start(model: VerifiedModel, opts: EngineOptions) -> Result<Self, EngineError> {
         let name = model.name().to_owned();
         let revision = model.revision().to_owned();
-        let Loaded {
-            model: lm,
-            tokenizer,
-            template,
-            eos_ids,
-            think_start,
-            think_end,
-            context,
-            kv_bytes_per_token,
-        } = load(model, opts.max_context)?;
-        let vocab = tokenizer.get_vocab_size(true);
-        let text = Arc::new(TextSide {
-            tokenizer,
-            eos_ids,
-            think_start,
-            think_end,
-        });
-        let shared = Arc::new(Shared {
-            text: text.clone(),
-            template,
-            context,
-            vocab,
-        });
-        let kv_tokens = Arc::new(AtomicUsize::new(0));
-        let (queue, jobs) = sync_channel::<Job>(opts.queue_capacity);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let taken = queued.clone();
-        let mut worker = Worker {
-            model: lm,
-            text,
-            kv_tokens: kv_tokens.clone(),
+        let loaded = load_engine(
+            model,
+            LoadOptions {
+                max_context: opts.max_context,
+                quantize: None,
+            },
+        )?;
+        let t = loaded.text;
+        let text = TextSide {
+            tokenizer: t.tokenizer,
+            eos_ids: t.eos_ids,
+            think_start: t.think_start,
+            think_end: t.think_end,
         };
-        std::thread::Builder::new()
-            .name(format!("engine-{name}"))
-            .spawn(move || {
-                // Ends when every Engine handle (and so the sender) is gone.
-                while let Ok(job) = jobs.recv() {
-                    taken.fetch_sub(1, Ordering::Relaxed);
-                    worker.run(job);
-                }
-            })
-            .map_err(|e| EngineError::Load {
-                model: name.clone(),
-                message: format!("cannot start worker: {e}"),
-            })?;
-        Ok(Self {
-            name,
-            revision,
-            shared,
-            runner: Runner::Worker(WorkerHandle {
-                queue,
-                queued,
-                kv_tokens,
-                kv_bytes_per_token,
-            }),
-            opts,
-        })
+        Self::from_batch_model(&name, &revision, loaded.model, text, t.template, opts)
     }
 
     /// An engine over a [`BatchModel`], run by the continuous-batching
@@ -310,22 +238,15 @@ impl Engine {
                 context,
                 vocab,
             }),
-            runner: Runner::Sched(Box::new(sched)),
+            sched: Box::new(sched),
             opts,
         })
     }
 
-    /// The KV cache: tokens held now against what may be held, and the
-    /// bytes per token.
+    /// The KV cache: tokens held by every running sequence against the
+    /// budget, and the bytes per token.
     pub fn kv_cache(&self) -> KvCacheUsage {
-        match &self.runner {
-            Runner::Worker(w) => KvCacheUsage {
-                tokens: w.kv_tokens.load(Ordering::Relaxed),
-                capacity_tokens: self.shared.context,
-                bytes_per_token: w.kv_bytes_per_token,
-            },
-            Runner::Sched(s) => s.kv_cache(),
-        }
+        self.sched.kv_cache()
     }
 
     pub fn name(&self) -> &str {
@@ -342,10 +263,7 @@ impl Engine {
 
     /// Requests waiting to start now (not counting running ones).
     pub fn queue_depth(&self) -> usize {
-        match &self.runner {
-            Runner::Worker(w) => w.queued.load(Ordering::Relaxed),
-            Runner::Sched(s) => s.queue_depth(),
-        }
+        self.sched.queue_depth()
     }
 
     /// How many requests may wait before new ones are refused.
@@ -356,18 +274,12 @@ impl Engine {
     /// Requests whose client went away before they finished, since start
     /// (the scheduler removes them within one step).
     pub fn cancelled_total(&self) -> u64 {
-        match &self.runner {
-            Runner::Worker(_) => 0,
-            Runner::Sched(s) => s.cancelled_total(),
-        }
+        self.sched.cancelled_total()
     }
 
-    /// The scheduler, when this engine runs one.
-    pub fn scheduler(&self) -> Option<&Scheduler> {
-        match &self.runner {
-            Runner::Worker(_) => None,
-            Runner::Sched(s) => Some(s),
-        }
+    /// The model's scheduler (queue, budget and step counters).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
     }
 
     /// Render (chat) or take (completion) the prompt, tokenize it and check
@@ -452,9 +364,8 @@ impl Engine {
             hide_reasoning: !req.include_reasoning.unwrap_or(!self.opts.hide_reasoning),
             deadline: self.opts.request_deadline.map(|d| Instant::now() + d),
         };
-        if let Runner::Sched(s) = &self.runner
-            && valid.reserved_tokens() > s.budget_tokens()
-        {
+        let s = &self.sched;
+        if valid.reserved_tokens() > s.budget_tokens() {
             return Err(EngineError::invalid(
                 Some("max_tokens"),
                 format!(
@@ -543,34 +454,10 @@ impl Engine {
         }
     }
 
-    /// Queue a validated request; events arrive on the returned channel.
+    /// Admit a validated request (or refuse it at once with
+    /// `Overloaded`); events arrive on the returned channel.
     pub fn submit(&self, req: ValidRequest) -> Result<mpsc::Receiver<Event>, EngineError> {
-        let w = match &self.runner {
-            Runner::Sched(s) => return s.submit(req),
-            Runner::Worker(w) => w,
-        };
-        let (tx, rx) = mpsc::channel(256);
-        // Counted before the send so the worker's decrement can never run
-        // first and wrap the counter below zero.
-        w.queued.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            req,
-            tx,
-            enqueued: Instant::now(),
-        };
-        w.queue.try_send(job).map(|()| rx).map_err(|e| {
-            w.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                TrySendError::Full(_) => EngineError::Overloaded {
-                    model: self.name.clone(),
-                    reason: format!("{} requests queued", self.opts.queue_capacity),
-                    retry_after: 1,
-                },
-                TrySendError::Disconnected(_) => {
-                    EngineError::Inference(format!("model {} worker stopped", self.name))
-                }
-            }
-        })
+        self.sched.submit(req)
     }
 }
 
@@ -649,107 +536,4 @@ pub(crate) fn check_sampling(req: &ChatRequest) -> Result<SamplingParams, Engine
         presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
         frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
     })
-}
-
-/// The candle Qwen2 worker: one request at a time (its `n` choices one
-/// after the other), one KV cache inside the model.
-struct Worker {
-    model: qwen2::ModelForCausalLM,
-    text: Arc<TextSide>,
-    kv_tokens: Arc<AtomicUsize>,
-}
-
-/// The receiver is gone: the client disconnected.
-struct Cancelled;
-
-fn send(tx: &mpsc::Sender<Event>, ev: Event) -> Result<(), Cancelled> {
-    tx.blocking_send(ev).map_err(|_| Cancelled)
-}
-
-impl Worker {
-    fn run(&mut self, job: Job) {
-        let queue_wait = job.enqueued.elapsed();
-        if send(&job.tx, Event::Started { queue_wait }).is_err() {
-            tracing::info!("request dropped while queued: the client went away");
-            return;
-        }
-        let result = self.generate(&job.req, &job.tx);
-        // Free the cache between requests (it would otherwise hold the last
-        // request's tensors until the next one starts), so the KV-cache
-        // gauge reads what is really held.
-        self.model.clear_kv_cache();
-        self.kv_tokens.store(0, Ordering::Relaxed);
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(Cancelled)) => tracing::info!("generation cancelled: the client went away"),
-            Err(e) => {
-                tracing::error!(error = %e, "generation failed");
-                let _ = job.tx.blocking_send(Event::Error(e.to_string()));
-            }
-        }
-    }
-
-    fn logits(&mut self, ids: &[u32], offset: usize) -> Result<Vec<f32>, EngineError> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let out = self.model.forward(&input, offset)?;
-        Ok(out
-            .squeeze(0)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
-    }
-
-    fn generate(
-        &mut self,
-        req: &ValidRequest,
-        tx: &mpsc::Sender<Event>,
-    ) -> Result<Result<(), Cancelled>, EngineError> {
-        let text = self.text.clone();
-        let mut tokens = 0;
-        let mut first = FinishReason::Stop;
-        for index in 0..req.n {
-            self.model.clear_kv_cache();
-            let mut choice = Choice::new(req, index);
-            let mut input = req.prompt_ids.clone();
-            let mut offset = 0;
-            loop {
-                if tx.is_closed() {
-                    return Ok(Err(Cancelled));
-                }
-                if req.deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(EngineError::Inference(format!(
-                        "the request's deadline passed after {tokens} generated tokens (engine.request_deadline)"
-                    )));
-                }
-                let logits = self.logits(&input, offset)?;
-                offset += input.len();
-                self.kv_tokens.store(offset, Ordering::Relaxed);
-                let mut events = Vec::new();
-                let next = choice.on_logits(&logits, &text, &mut tokens, &mut events)?;
-                for ev in events {
-                    if send(tx, ev).is_err() {
-                        return Ok(Err(Cancelled));
-                    }
-                }
-                match next {
-                    Some(t) => input = vec![t],
-                    None => break,
-                }
-            }
-            if index == 0 {
-                first = choice.finished().unwrap_or(FinishReason::Stop);
-            }
-        }
-        let usage = Usage {
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: tokens,
-        };
-        Ok(send(
-            tx,
-            Event::Done {
-                finish_reason: first,
-                usage,
-            },
-        ))
-    }
 }
