@@ -362,6 +362,7 @@ impl Engine {
             starts_in_reasoning,
             split_reasoning,
             hide_reasoning: !req.include_reasoning.unwrap_or(!self.opts.hide_reasoning),
+            ignore_eos: req.ignore_eos,
             deadline: self.opts.request_deadline.map(|d| Instant::now() + d),
         };
         let s = &self.sched;

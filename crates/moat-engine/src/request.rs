@@ -52,6 +52,9 @@ pub struct ChatRequest {
     /// `Some(false)` drops DeepSeek-R1 reasoning from the answer (it is
     /// still generated and counted); `None` follows the engine's config.
     pub include_reasoning: Option<bool>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` or a
+    /// stop string (vLLM's `ignore_eos`; for benchmarks and tests).
+    pub ignore_eos: bool,
 }
 
 impl ChatRequest {
@@ -85,6 +88,7 @@ pub struct ValidRequest {
     pub(crate) split_reasoning: bool,
     /// Reasoning is generated but not sent.
     pub(crate) hide_reasoning: bool,
+    pub(crate) ignore_eos: bool,
     /// When the request must end (an error event) if still running.
     pub(crate) deadline: Option<Instant>,
 }

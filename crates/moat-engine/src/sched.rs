@@ -314,6 +314,7 @@ pub(crate) struct Choice {
     reasoning: bool,
     split: bool,
     hide: bool,
+    ignore_eos: bool,
     logprobs: Option<usize>,
     pending_lp: Vec<TokenLogprob>,
     generated: usize,
@@ -333,6 +334,7 @@ impl Choice {
             reasoning: req.split_reasoning && req.starts_in_reasoning,
             split: req.split_reasoning,
             hide: req.hide_reasoning,
+            ignore_eos: req.ignore_eos,
             logprobs: req.logprobs,
             pending_lp: Vec::new(),
             generated: 0,
@@ -397,7 +399,8 @@ impl Choice {
             self.pending_lp
                 .push(token_logprob(logits, tok, k, &text.tokenizer));
         }
-        if text.eos_ids.contains(&tok) {
+        let eos = text.eos_ids.contains(&tok);
+        if eos && !self.ignore_eos {
             self.finish(FinishReason::Stop, true, *tokens, out);
             return Ok(None);
         }
@@ -410,7 +413,9 @@ impl Choice {
         } else {
             None
         };
-        if let Some(to) = switch {
+        if eos {
+            // Ignored end-of-sequence: counted, never text.
+        } else if let Some(to) = switch {
             // Stop strings do not span the reasoning/answer boundary.
             let rest = self.stops.flush();
             self.emit(rest, *tokens, out);
@@ -914,6 +919,7 @@ mod tests {
             starts_in_reasoning: false,
             split_reasoning: true,
             hide_reasoning: false,
+            ignore_eos: false,
             deadline: None,
         }
     }
@@ -1179,6 +1185,30 @@ mod tests {
             ("", "ok.")
         );
         assert_eq!(hidden.usage.unwrap().completion_tokens, 7);
+    }
+
+    #[test]
+    fn eos_ends_a_choice_unless_ignored() {
+        let script = vec![tok('a'), EOS, tok('b')];
+        let run = |ignore: bool| {
+            let rig = Rig::new(script.clone(), opts(), true, Duration::ZERO);
+            // Prompt of 3: generated positions 3, 4, … ≡ 0, 1, 2, …
+            let mut r = req(&toks("abc"), 6);
+            r.ignore_eos = ignore;
+            collect(rig.sched.submit(r).unwrap(), 1)
+        };
+        let stopped = run(false);
+        assert_eq!(
+            (stopped.content[0].as_str(), stopped.finish[0]),
+            ("a", Some(FinishReason::Stop))
+        );
+        let kept = run(true);
+        // EOS is special: sampled and counted, but not text.
+        assert_eq!(
+            (kept.content[0].as_str(), kept.finish[0]),
+            ("abab", Some(FinishReason::Length))
+        );
+        assert_eq!(kept.usage.unwrap().completion_tokens, 6);
     }
 
     #[test]

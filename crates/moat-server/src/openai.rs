@@ -62,7 +62,8 @@ struct StreamOptions {
 /// The subset of the OpenAI request we honour. Unknown fields are ignored
 /// (clients send many); fields we know but cannot honour are refused below
 /// rather than silently ignored. `top_k`, `min_p` and `repetition_penalty`
-/// are vLLM's extensions; `include_reasoning` is OpenRouter's name for the
+/// (and `ignore_eos`) are vLLM's extensions; `include_reasoning` is
+/// OpenRouter's name for the
 /// reasoning switch.
 #[derive(Debug, Deserialize)]
 struct ChatCompletionRequest {
@@ -80,6 +81,7 @@ struct ChatCompletionRequest {
     seed: Option<i64>,
     stop: Option<Stop>,
     n: Option<u32>,
+    ignore_eos: Option<bool>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     logprobs: Option<bool>,
@@ -108,6 +110,7 @@ macro_rules! sampling_request {
                 Some(Stop::Many(v)) => v.clone(),
             },
             n: $r.n,
+            ignore_eos: $r.ignore_eos.unwrap_or(false),
             ..ChatRequest::default()
         }
     };
@@ -139,6 +142,7 @@ struct CompletionRequest {
     seed: Option<i64>,
     stop: Option<Stop>,
     n: Option<u32>,
+    ignore_eos: Option<bool>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     /// Alternatives per token (the legacy API's integer form).

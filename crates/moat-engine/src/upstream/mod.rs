@@ -345,6 +345,12 @@ impl UpstreamPool {
                 "logprobs are not supported for a model served by upstreams",
             ));
         }
+        if req.ignore_eos {
+            return Err(EngineError::invalid(
+                Some("ignore_eos"),
+                "ignore_eos is not supported for a model served by upstreams",
+            ));
+        }
         if req.include_reasoning == Some(false) {
             return Err(EngineError::invalid(
                 Some("include_reasoning"),
