@@ -94,7 +94,10 @@ fn sixteen_streams_complete_and_a_disconnect_stops_its_compute() {
     // A long stream, dropped mid-way: the scheduler removes it before its
     // next step, so the cancel is counted and its KV cache is gone.
     let s = open_stream(&a, &admin, 3000);
-    assert!(metric(&server, &admin, "moat_engine_kv_cache_tokens") > 0.0);
+    // (The gauge is written at the end of each step.)
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric(&server, &admin, "moat_engine_kv_cache_tokens") > 0.0
+    }));
     drop(s);
     assert!(
         wait_until(Duration::from_secs(10), || {
