@@ -340,7 +340,7 @@ async fn run(
             Event::Delta { content, .. } => text.push_str(&content),
             Event::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
             Event::Error(e) => return Err(EngineError::BadGateway(e)),
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::ChoiceEnd { .. } => {}
         }
     }
     panic!("stream ended without Done");

@@ -237,6 +237,14 @@ pub struct RawEngine {
     pub queue_capacity: Option<usize>,
     pub max_context: Option<usize>,
     pub default_max_tokens: Option<usize>,
+    pub max_n: Option<u32>,
+    pub kv_budget_bytes: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub threads: Option<usize>,
+    /// Seconds; 0 turns the deadline off.
+    pub request_deadline: Option<u64>,
+    pub hide_reasoning: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -491,7 +499,36 @@ impl RawConfig {
                 .engine
                 .default_max_tokens
                 .unwrap_or(defaults.default_max_tokens),
+            max_n: self.engine.max_n.unwrap_or(defaults.max_n),
+            kv_budget_bytes: self.engine.kv_budget_bytes.unwrap_or(defaults.kv_budget_bytes),
+            prefill_chunk: self.engine.prefill_chunk.unwrap_or(defaults.prefill_chunk),
+            max_batch: self.engine.max_batch.unwrap_or(defaults.max_batch),
+            threads: self.engine.threads.unwrap_or(defaults.threads),
+            request_deadline: match self.engine.request_deadline {
+                None => defaults.request_deadline,
+                Some(0) => None,
+                Some(s) => Some(std::time::Duration::from_secs(s)),
+            },
+            hide_reasoning: self.engine.hide_reasoning.unwrap_or(defaults.hide_reasoning),
         };
+        if !(1..=16).contains(&engine.max_n) {
+            return Err(invalid("engine.max_n", "must be between 1 and 16"));
+        }
+        if engine.kv_budget_bytes < (1 << 20) {
+            return Err(invalid(
+                "engine.kv_budget_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if !(1..=65_536).contains(&engine.prefill_chunk) {
+            return Err(invalid("engine.prefill_chunk", "must be between 1 and 65536"));
+        }
+        if !(1..=1024).contains(&engine.max_batch) {
+            return Err(invalid("engine.max_batch", "must be between 1 and 1024"));
+        }
+        if !(1..=1024).contains(&engine.threads) {
+            return Err(invalid("engine.threads", "must be between 1 and 1024"));
+        }
         if !(1..=100_000).contains(&engine.queue_capacity) {
             return Err(invalid("engine.queue_capacity", "must be between 1 and 100000"));
         }

@@ -306,6 +306,38 @@ impl UpstreamPool {
             }
         }
         crate::generate::check_sampling(req)?;
+        // The relay speaks chat with one choice and no log-probabilities;
+        // refused rather than silently answered differently.
+        if req.is_completion() {
+            return Err(EngineError::invalid(
+                Some("prompt"),
+                "completions are not supported for a model served by upstreams; use chat completions",
+            ));
+        }
+        if req.choices() != 1 || req.n == Some(0) {
+            return Err(EngineError::invalid(
+                Some("n"),
+                "only n = 1 is supported for a model served by upstreams",
+            ));
+        }
+        if req.logprobs.is_some() {
+            return Err(EngineError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported for a model served by upstreams",
+            ));
+        }
+        if req.ignore_eos {
+            return Err(EngineError::invalid(
+                Some("ignore_eos"),
+                "ignore_eos is not supported for a model served by upstreams",
+            ));
+        }
+        if req.include_reasoning == Some(false) {
+            return Err(EngineError::invalid(
+                Some("include_reasoning"),
+                "include_reasoning is not supported for a model served by upstreams",
+            ));
+        }
         if req.max_tokens == Some(0) {
             return Err(EngineError::invalid(
                 Some("max_tokens"),
