@@ -45,6 +45,9 @@ pub struct EngineOptions {
     /// Drop DeepSeek-R1 reasoning from answers unless a request asks for it
     /// (`include_reasoning: true`).
     pub hide_reasoning: bool,
+    /// Quantise float weights to this encoding at load (`[[models]]
+    /// quantize`); a GGUF's already-quantised tensors stay as they are.
+    pub quantize: Option<crate::cpu::quant::QType>,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +64,7 @@ impl Default for EngineOptions {
             threads: s.threads,
             request_deadline: Some(Duration::from_secs(600)),
             hide_reasoning: false,
+            quantize: None,
         }
     }
 }
@@ -201,7 +205,7 @@ impl Engine {
             model,
             LoadOptions {
                 max_context: opts.max_context,
-                quantize: None,
+                quantize: opts.quantize,
             },
         )?;
         let t = loaded.text;

@@ -292,6 +292,9 @@ pub struct RawModel {
     #[serde(default)]
     pub upstreams: Vec<upstream::RawUpstream>,
     pub pool: Option<upstream::RawPool>,
+    /// Quantise the float weights at load: `"q8_0"`, `"q4_0"`, `"q4_k"`
+    /// (alias `"q4k"`) or `"q6_k"`.
+    pub quantize: Option<String>,
 }
 
 /// `[models.signature]`: who must have signed the model.
@@ -342,6 +345,8 @@ pub struct ModelConfig {
     pub name: ModelName,
     pub signature: Option<Arc<SignaturePolicy>>,
     pub backend: ModelBackend,
+    /// In-situ quantisation of float weights (embedded models only).
+    pub quantize: Option<moat_engine::cpu::quant::QType>,
 }
 
 /// What serves a model.
@@ -510,6 +515,8 @@ impl RawConfig {
                 Some(s) => Some(std::time::Duration::from_secs(s)),
             },
             hide_reasoning: self.engine.hide_reasoning.unwrap_or(defaults.hide_reasoning),
+            // Per model (`[[models]] quantize`), set when each is loaded.
+            quantize: None,
         };
         if !(1..=16).contains(&engine.max_n) {
             return Err(invalid("engine.max_n", "must be between 1 and 16"));
@@ -586,10 +593,31 @@ impl RawConfig {
                 None => None,
                 Some(raw) => Some(Arc::new(raw.into_policy(&format!("models[{i}].signature"))?)),
             };
+            use moat_engine::cpu::quant::QType;
+            let quantize = match m.quantize.as_deref() {
+                None => None,
+                Some(_) if matches!(backend, ModelBackend::Upstream(_)) => {
+                    return Err(invalid(
+                        format!("models[{i}].quantize"),
+                        "only for embedded models",
+                    ));
+                }
+                Some("q8_0") => Some(QType::Q8_0),
+                Some("q4_0") => Some(QType::Q4_0),
+                Some("q4_k" | "q4k") => Some(QType::Q4K),
+                Some("q6_k") => Some(QType::Q6K),
+                Some(other) => {
+                    return Err(invalid(
+                        format!("models[{i}].quantize"),
+                        format!("{other:?}: use \"q8_0\", \"q4_0\", \"q4_k\" or \"q6_k\""),
+                    ));
+                }
+            };
             models.push(ModelConfig {
                 name,
                 signature,
                 backend,
+                quantize,
             });
         }
         if models.is_empty() {
@@ -785,6 +813,11 @@ mod tests {
         let cases = [
             ("backend = \"remote\"", "models[0].backend"),
             ("backend = \"upstream\"", "models[0].upstreams"),
+            (
+                "backend = \"upstream\"\nquantize = \"q8_0\"\n[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].quantize",
+            ),
+            ("quantize = \"int3\"", "models[0].quantize"),
             (
                 "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"ftp://x/v1\"",
                 "models[0].upstreams[0].url",

@@ -145,7 +145,10 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
                     &dir,
                     keyring,
                     model.signature.as_deref(),
-                    config.engine.clone(),
+                    moat_engine::generate::EngineOptions {
+                        quantize: model.quantize,
+                        ..config.engine.clone()
+                    },
                     &mut report,
                 )
             });

@@ -435,6 +435,20 @@ fn gguf_demo_matches_the_safetensors_demo() {
     let reference = from_safetensors(&config, &[("model.safetensors".into(), st)], opts).unwrap();
     let tokens = [10u32, 200, 3000, 7];
     let want = step(&reference, &mut reference.new_cache(8), &tokens);
+    // In-situ quantisation of the same float weights: a quarter of the
+    // bytes, logits close.
+    let st = std::fs::read(t.path().join("st/model.safetensors")).unwrap();
+    let q8 = from_safetensors(
+        &config,
+        &[("model.safetensors".into(), st)],
+        WeightOptions {
+            quantize: Some(QType::Q8_0),
+            ..opts
+        },
+    )
+    .unwrap();
+    assert!(q8.weight_bytes() * 3 < reference.weight_bytes());
+    close(&step(&q8, &mut q8.new_cache(8), &tokens), &want, 0.1);
     for (q, tol) in [(QType::F32, 1e-5), (QType::Q8_0, 0.1)] {
         let dir = t.path().join(q.name());
         let d = DemoOptions {
