@@ -1,6 +1,7 @@
-//! Loading a verified model: `config.json` (Qwen2 architecture), the
-//! tokenizer, the chat template and the safetensors weights, all from the
-//! bytes in the [`VerifiedModel`]; nothing is read from disk here.
+//! Loading a verified model into the CPU engine ([`crate::cpu`]): the
+//! weights (one GGUF file, or `config.json` with safetensors), the tokenizer,
+//! the chat template and the special tokens, all from the bytes in the
+//! [`VerifiedModel`]; nothing is read from disk here.
 
 use crate::cpu::BatchModel;
 use crate::cpu::gguf::Gguf;
@@ -8,27 +9,10 @@ use crate::cpu::load::{WeightOptions, from_gguf, from_safetensors};
 use crate::cpu::quant::QType;
 use crate::error::EngineError;
 use crate::template::ChatTemplate;
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use candle_transformers::models::qwen2;
 use moat_artifact::VerifiedModel;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use tokenizers::Tokenizer;
-
-/// Everything the generator needs, owned.
-pub struct Loaded {
-    pub model: qwen2::ModelForCausalLM,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-    pub eos_ids: Vec<u32>,
-    pub think_start: Option<u32>,
-    pub think_end: Option<u32>,
-    pub context: usize,
-    /// Bytes one token takes in the KV cache: keys and values, every
-    /// layer, every KV head, at the F32 the weights are loaded as.
-    pub kv_bytes_per_token: usize,
-}
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -104,106 +88,6 @@ fn weight_files(model: &VerifiedModel) -> Result<Vec<String>, EngineError> {
         return Err(err(model, "no .safetensors weights found"));
     }
     Ok(files)
-}
-
-pub fn load(mut model: VerifiedModel, max_context: usize) -> Result<Loaded, EngineError> {
-    let config = json_file(&model, "config.json")?.ok_or_else(|| err(&model, "config.json is missing"))?;
-    let is_qwen2 = config.get("model_type").and_then(Value::as_str) == Some("qwen2")
-        || config
-            .get("architectures")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("Qwen2ForCausalLM")));
-    if !is_qwen2 {
-        return Err(err(
-            &model,
-            "config.json: unsupported architecture (supported: qwen2 / Qwen2ForCausalLM)",
-        ));
-    }
-    let cfg: qwen2::Config =
-        serde_json::from_value(config.clone()).map_err(|e| err(&model, format!("config.json: {e}")))?;
-
-    let tok_bytes = model
-        .file("tokenizer.json")
-        .ok_or_else(|| err(&model, "tokenizer.json is missing"))?;
-    let tokenizer =
-        Tokenizer::from_bytes(tok_bytes).map_err(|e| err(&model, format!("tokenizer.json: {e}")))?;
-
-    let tcfg = json_file(&model, "tokenizer_config.json")?.ok_or_else(|| {
-        err(
-            &model,
-            "tokenizer_config.json is missing (it carries the chat template)",
-        )
-    })?;
-    let source = match tcfg.get("chat_template") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template").and_then(Value::as_str))
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                err(
-                    &model,
-                    "tokenizer_config.json: chat_template list has no \"default\"",
-                )
-            })?,
-        _ => return Err(err(&model, "tokenizer_config.json: no chat_template")),
-    };
-    let bos = token_text(tcfg.get("bos_token")).unwrap_or_default();
-    let eos = token_text(tcfg.get("eos_token")).unwrap_or_default();
-    let template = ChatTemplate::new(source, bos, eos.clone())
-        .map_err(|e| err(&model, format!("tokenizer_config.json: {e}")))?;
-
-    let generation = json_file(&model, "generation_config.json")?;
-    let mut eos_ids = ids(generation.as_ref().and_then(|g| g.get("eos_token_id")));
-    eos_ids.extend(ids(config.get("eos_token_id")));
-    eos_ids.extend(tokenizer.token_to_id(&eos));
-    eos_ids.sort_unstable();
-    eos_ids.dedup();
-    if eos_ids.is_empty() {
-        return Err(err(
-            &model,
-            "no end-of-sequence token: set eos_token in tokenizer_config.json",
-        ));
-    }
-    let think_start = tokenizer.token_to_id("<think>");
-    let think_end = tokenizer.token_to_id("</think>");
-
-    let device = Device::Cpu;
-    let mut tensors = HashMap::new();
-    for file in weight_files(&model)? {
-        let bytes = model
-            .take_file(&file)
-            .ok_or_else(|| err(&model, format!("{file}: listed twice")))?;
-        let part = candle_core::safetensors::load_buffer(&bytes, &device)
-            .map_err(|e| err(&model, format!("{file}: {e}")))?;
-        drop(bytes);
-        for (name, t) in part {
-            if tensors.insert(name.clone(), t).is_some() {
-                return Err(err(
-                    &model,
-                    format!("{file}: tensor {name:?} also appears in another shard"),
-                ));
-            }
-        }
-    }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-    let lm = qwen2::ModelForCausalLM::new(&cfg, vb)
-        .map_err(|e| err(&model, format!("weights do not match config.json: {e}")))?;
-    let context = cfg.max_position_embeddings.min(max_context);
-    let head_dim = cfg.hidden_size / cfg.num_attention_heads.max(1);
-    let kv_bytes_per_token =
-        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * DType::F32.size_in_bytes();
-    Ok(Loaded {
-        kv_bytes_per_token,
-        model: lm,
-        tokenizer,
-        template,
-        eos_ids,
-        think_start,
-        think_end,
-        context,
-    })
 }
 
 /// The tokenizer side of a model: tokenizer, chat template, end-of-sequence

@@ -1,6 +1,6 @@
 //! `moat demo-model`: writes a random-weight Qwen2-architecture model in
-//! Hugging Face layout that candle's `qwen2::ModelForCausalLM` loads and moat
-//! can serve, deterministic per seed.
+//! Hugging Face layout (safetensors weights, config.json, tokenizer files)
+//! that moat's own engine loads and serves, deterministic per seed.
 //!
 //! Files: `config.json`, `generation_config.json`, `tokenizer.json` (a real
 //! byte-level BPE tokenizer with DeepSeek's special tokens),

@@ -1,13 +1,15 @@
-//! Tests of the demo model: the tiny preset is written for real and loaded by
-//! the `tokenizers` crate, minijinja and candle; the 1.5B preset is checked
-//! only on paper (its tensor list), since writing it takes gigabytes.
+//! Tests of the demo model: the tiny preset is written for real and read back
+//! by independent parsers (the `safetensors` and `tokenizers` crates,
+//! minijinja), then run in moat's own engine; the 1.5B preset is checked only
+//! on paper (its tensor list), since writing it takes gigabytes.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::qwen2;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::cpu::load::{WeightOptions, from_safetensors};
+use crate::cpu::{BatchModel, SeqInput};
 
 use super::spec::{Architecture, tensor_specs};
 use super::weights::{MAX_SHARD_BYTES, f32_to_bf16, f32_to_f16, plan_shards, tensor_bytes};
@@ -175,11 +177,22 @@ fn demo_config_json_matches_the_qwen2_config() {
     assert_eq!(raw["torch_dtype"], "float32");
     assert_eq!(raw["bos_token_id"], 4091);
     assert_eq!(raw["eos_token_id"], 4088);
-    let cfg: qwen2::Config = serde_json::from_value(raw).expect("candle's qwen2 config");
-    assert_eq!(cfg.hidden_size, 128);
-    assert_eq!(cfg.vocab_size, 4096);
-    assert_eq!(cfg.num_key_value_heads, 2);
-    assert!(!cfg.tie_word_embeddings);
+    assert_eq!(raw["model_type"], "qwen2");
+    assert_eq!(raw["architectures"], serde_json::json!(["Qwen2ForCausalLM"]));
+    assert_eq!(raw["hidden_size"], 128);
+    assert_eq!(raw["num_hidden_layers"], 4);
+    assert_eq!(raw["num_attention_heads"], 4);
+    assert_eq!(raw["num_key_value_heads"], 2);
+    assert_eq!(raw["vocab_size"], 4096);
+    assert_eq!(raw["tie_word_embeddings"], false);
+
+    // The engine reads the same fields: the config with its weights builds a
+    // model of that shape (untied, so `lm_head.weight` had to be there).
+    let model = load_tiny(&raw, read(dir.path(), "model.safetensors"));
+    assert_eq!(model.vocab_size(), 4096);
+    assert_eq!(model.context_length(), 64, "max_position_embeddings 4096, capped");
+    // Keys and values × 4 layers × 2 KV heads × head_dim 32 (128 / 4) × f32.
+    assert_eq!(model.kv_bytes_per_token(), 2 * 4 * 2 * 32 * 4);
 
     let generation: serde_json::Value =
         serde_json::from_slice(&read(dir.path(), "generation_config.json")).expect("json");
@@ -358,14 +371,54 @@ fn demo_tokenizer_config_and_chat_template_render() {
     assert_eq!(out, "<s>A.\n\nB.<｜User｜>x<｜Assistant｜>");
 }
 
-/// Loads `model.safetensors` with candle (no mmap: from bytes).
-fn load_tensors(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load_buffer(&read(dir, "model.safetensors"), &Device::Cpu)
-        .expect("safetensors loads")
+/// The tiny demo in moat's engine, at a context of 64 positions.
+fn load_tiny(config: &serde_json::Value, weights: Vec<u8>) -> crate::cpu::model::Model {
+    let opts = WeightOptions {
+        max_context: 64,
+        quantize: None,
+    };
+    from_safetensors(config, &[("model.safetensors".into(), weights)], opts)
+        .unwrap_or_else(|e| panic!("moat's engine loads the demo: {e}"))
+}
+
+/// A tensor's values as f32, decoded from its little-endian bytes (F32, F16
+/// or BF16: the dtypes the demo writes); the byte length must match the shape.
+fn values(name: &str, view: &TensorView<'_>) -> Vec<f32> {
+    let count: usize = view.shape().iter().product();
+    let data = view.data();
+    let out: Vec<f32> = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    };
+    assert_eq!(out.len(), count, "{name}: {:?}", view.shape());
+    assert_eq!(data.len(), count * view.dtype().bitsize() / 8, "{name}");
+    out
+}
+
+/// The index of the largest logit (the first one on ties).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[test]
-fn demo_tiny_runs_in_candle_and_greedy_decoding_varies() {
+fn demo_tiny_runs_in_moats_engine_and_greedy_decoding_varies() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_tiny(dir.path(), 0, None);
     let bytes = read(dir.path(), "model.safetensors");
@@ -373,52 +426,60 @@ fn demo_tiny_runs_in_candle_and_greedy_decoding_varies() {
     assert_eq!(header_len % 8, 0);
     assert!(bytes[8..].starts_with(br#"{"__metadata__":{"format":"pt"},"model.embed_tokens.weight":"#));
 
-    let tensors = load_tensors(dir.path());
-    assert_eq!(tensors.len(), 3 + 12 * 4);
-    for (name, t) in &tensors {
-        assert_eq!(t.dtype(), DType::F32, "{name}");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors parses");
+    assert_eq!(st.len(), 3 + 12 * 4);
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), Dtype::F32, "{name}");
+        values(&name, &view);
     }
-    let norm = tensors["model.norm.weight"].to_vec1::<f32>().expect("norm");
+    let shape = |name: &str| st.tensor(name).expect(name).shape().to_vec();
+    assert_eq!(shape("model.embed_tokens.weight"), [4096, 128]);
+    assert_eq!(shape("lm_head.weight"), [4096, 128]);
+    assert_eq!(shape("model.layers.3.self_attn.k_proj.weight"), [64, 128]);
+    assert_eq!(shape("model.layers.3.self_attn.k_proj.bias"), [64]);
+    assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), [128, 352]);
+    let norm = values("norm", &st.tensor("model.norm.weight").expect("norm"));
+    assert_eq!(norm.len(), 128);
     assert!(norm.iter().all(|&v| v == 1.0));
-    let q = tensors["model.layers.0.self_attn.q_proj.weight"]
-        .flatten_all()
-        .expect("flatten")
-        .to_vec1::<f32>()
-        .expect("q");
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let q = values(name, &st.tensor(name).expect("q"));
     let mean = q.iter().sum::<f32>() / q.len() as f32;
     let std = (q.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / q.len() as f32).sqrt();
     assert!(
         mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
         "mean {mean} std {std}"
     );
+    drop(st);
 
-    let cfg: qwen2::Config = serde_json::from_slice(&read(dir.path(), "config.json")).expect("config");
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let mut model = qwen2::ModelForCausalLM::new(&cfg, vb).expect("model builds");
+    let config: serde_json::Value = serde_json::from_slice(&read(dir.path(), "config.json")).expect("config");
+    let model = load_tiny(&config, bytes);
 
     let tok = tokenizers::Tokenizer::from_bytes(read(dir.path(), "tokenizer.json")).expect("tok");
     let prompt = tok
         .encode("<｜User｜>Why is the sky blue?<｜Assistant｜>", true)
         .expect("encode");
     let prompt: Vec<u32> = prompt.get_ids().to_vec();
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
-        .and_then(|t| t.unsqueeze(0))
-        .expect("input");
-    let mut logits = model.forward(&input, 0).expect("forward");
-    assert_eq!(logits.dims(), [1, 1, 4096]);
+    let steps = 10;
+    let mut cache = model.new_cache(prompt.len() + steps);
+    let mut forward = |tokens: &[u32]| {
+        let mut out = model
+            .forward(&mut [SeqInput {
+                tokens,
+                cache: &mut cache,
+            }])
+            .expect("forward");
+        assert_eq!(out.len(), 1, "one sequence in, one row of logits out");
+        let logits = out.pop().expect("logits");
+        assert_eq!(logits.len(), 4096);
+        assert!(logits.iter().all(|v| v.is_finite()), "{logits:?}");
+        logits
+    };
+    let mut logits = forward(&prompt);
     let mut generated = Vec::new();
-    for pos in prompt.len()..prompt.len() + 10 {
-        let next = logits
-            .i((0, 0))
-            .and_then(|l| l.argmax(0))
-            .and_then(|t| t.to_scalar::<u32>())
-            .expect("argmax");
+    for _ in 0..steps {
+        let next = argmax(&logits);
         generated.push(next);
-        let input = Tensor::new(&[next], &Device::Cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("input");
-        logits = model.forward(&input, pos).expect("decode step");
-        assert_eq!(logits.dims(), [1, 1, 4096]);
+        logits = forward(&[next]);
     }
     eprintln!(
         "greedy: {generated:?} = {:?}",
@@ -455,40 +516,27 @@ fn demo_half_precision_files_hold_the_rounded_f32_weights() {
     let config: serde_json::Value = serde_json::from_slice(&read(b.path(), "config.json")).expect("json");
     assert_eq!(config["torch_dtype"], "bfloat16");
 
-    let full = load_tensors(a.path());
-    for (dir, dtype) in [(b.path(), DType::BF16), (c.path(), DType::F16)] {
-        let half = load_tensors(dir);
+    let full_bytes = read(a.path(), "model.safetensors");
+    let full = SafeTensors::deserialize(&full_bytes).expect("f32 file parses");
+    for (dir, dtype) in [(b.path(), Dtype::BF16), (c.path(), Dtype::F16)] {
+        let half_bytes = read(dir, "model.safetensors");
+        let half = SafeTensors::deserialize(&half_bytes).expect("half file parses");
         assert_eq!(half.len(), full.len());
-        for (name, t) in &full {
-            let ours = &half[name];
+        for (name, view) in full.tensors() {
+            let ours = half.tensor(&name).expect(&name);
             assert_eq!(ours.dtype(), dtype, "{name}");
-            // candle converts with the `half` crate: round to nearest, ties to even.
-            let expected = t
-                .to_dtype(dtype)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("expected");
-            let got = ours
-                .to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("got");
+            assert_eq!(ours.shape(), view.shape(), "{name}");
+            // The `half` crate's conversion: round to nearest, ties to even.
+            let expected: Vec<f32> = values(&name, &view)
+                .into_iter()
+                .map(|v| match dtype {
+                    Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+                    _ => half::f16::from_f32(v).to_f32(),
+                })
+                .collect();
+            let got = values(&name, &ours);
             assert!(expected == got, "{name} as {dtype:?}");
         }
-    }
-}
-
-/// Exact decoding of IEEE half bits, for checking the encoder.
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = i32::from((h >> 10) & 0x1F);
-    let man = f32::from(h & 0x3FF);
-    match exp {
-        0 => sign * man * 2f32.powi(-24),
-        0x1F if man == 0.0 => sign * f32::INFINITY,
-        0x1F => f32::NAN,
-        _ => sign * (1.0 + man / 1024.0) * 2f32.powi(exp - 15),
     }
 }
 
@@ -527,25 +575,14 @@ fn demo_f16_and_bf16_conversions_round_to_nearest_even() {
         values.push(rng.normalish() * 1e-5);
     }
     values.retain(|v| !v.is_nan());
-    let tensor = Tensor::new(values.as_slice(), &Device::Cpu).expect("tensor");
-    let as_f16 = tensor
-        .to_dtype(DType::F16)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("f16");
-    let as_bf16 = tensor
-        .to_dtype(DType::BF16)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("bf16");
-    for (i, &v) in values.iter().enumerate() {
-        let ours = f16_to_f32(f32_to_f16(v));
-        assert_eq!(ours.to_bits(), as_f16[i].to_bits(), "f16 of {v:e}");
-        let ours = f32::from_bits(u32::from(f32_to_bf16(v)) << 16);
-        assert_eq!(ours.to_bits(), as_bf16[i].to_bits(), "bf16 of {v:e}");
+    // Bit for bit against the `half` crate (round to nearest, ties to even),
+    // so signed zeros, subnormals, overflow to infinity all count.
+    for &v in &values {
+        assert_eq!(f32_to_f16(v), half::f16::from_f32(v).to_bits(), "f16 of {v:e}");
+        assert_eq!(f32_to_bf16(v), half::bf16::from_f32(v).to_bits(), "bf16 of {v:e}");
     }
-    assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
-    assert!(f32::from_bits(u32::from(f32_to_bf16(f32::NAN)) << 16).is_nan());
+    assert!(half::f16::from_bits(f32_to_f16(f32::NAN)).is_nan());
+    assert!(half::bf16::from_bits(f32_to_bf16(f32::NAN)).is_nan());
 }
 
 #[test]
@@ -590,11 +627,27 @@ fn demo_r1_distill_layout_on_paper() {
     }
 
     let config = spec::config_json(&arch, WeightDtype::Bf16, 151_931, 151_928);
-    let cfg: qwen2::Config = serde_json::from_value(config.clone()).expect("candle config");
-    assert_eq!(cfg.max_window_layers, 21);
-    assert_eq!(cfg.max_position_embeddings, 131_072);
+    assert_eq!(config["model_type"], "qwen2");
+    assert_eq!(config["hidden_size"], 1536);
+    assert_eq!(config["num_hidden_layers"], 28);
+    assert_eq!(config["num_attention_heads"], 12);
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["intermediate_size"], 8960);
+    assert_eq!(config["vocab_size"], 151_936);
+    assert_eq!(config["max_window_layers"], 21);
+    assert_eq!(config["max_position_embeddings"], 131_072);
+    assert_eq!(config["use_sliding_window"], false);
+    assert_eq!(config["tie_word_embeddings"], false);
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["rope_theta"], 10000);
+    // The engine accepts this config: with no weights, what it stops at is
+    // the first missing tensor, not a config field.
+    let opts = WeightOptions {
+        max_context: 64,
+        quantize: None,
+    };
+    let err = from_safetensors(&config, &[], opts).err().expect("no weights");
+    assert!(err.starts_with("tensor ") && err.contains(" is missing"), "{err}");
 }
 
 #[test]
@@ -609,8 +662,14 @@ fn demo_sharded_layout_is_written_with_an_index() {
     let mut buf = Vec::new();
     let tensors: Vec<&spec::TensorSpec> = plan[1].iter().map(|&i| &specs[i]).collect();
     weights::write_safetensors(&mut buf, &tensors, WeightDtype::F32, 1).expect("written");
-    let loaded = candle_core::safetensors::load_buffer(&buf, &Device::Cpu).expect("loads");
+    let loaded = SafeTensors::deserialize(&buf).expect("parses");
     assert_eq!(loaded.len(), tensors.len());
+    for spec in &tensors {
+        let view = loaded.tensor(&spec.name).expect(&spec.name);
+        assert_eq!(view.dtype(), Dtype::F32, "{}", spec.name);
+        assert_eq!(view.shape(), spec.shape.as_slice(), "{}", spec.name);
+        values(&spec.name, &view);
+    }
 }
 
 #[test]
