@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import QTYPES, TYPES, VARIANTS
+import make_gguf
+from engine_models import QTYPES, TYPES, VARIANTS
 from llamacpp import llama_cpp_greedy, margins, probe_greedy, rel_err
 from reference import Reference
 
@@ -60,7 +61,7 @@ def candidate_prompts(vocab: int):
     for k in range(64):
         rng = np.random.default_rng(1000 + k)
         # Below the special tokens at the top of the vocabulary.
-        yield [int(t) for t in rng.integers(0, vocab - len(VARIANTS) - 16, PROMPT_LEN)]
+        yield [int(t) for t in rng.integers(0, vocab - len(make_gguf.SPECIAL_TOKENS), PROMPT_LEN)]
 
 
 def pick_prompt(path, vocab: int, min_margin: float, also=()):

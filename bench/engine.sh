@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# moat's CPU engine against llama.cpp on the same file, same run, same
+# thread count (issue 9, Measure): a random-weight GGUF with
+# DeepSeek-R1-Distill-Qwen-1.5B's exact shapes (tests/engine/make_gguf.py,
+# F16, cached), quantised by llama.cpp's llama-quantize to Q8_0 and Q4_0.
+#
+#   bench/engine.sh
+#
+# For each type, alternating llama.cpp and moat, ROUNDS times:
+#   llama.cpp: llama-bench -t $THREADS -p 512 -n 64 -r 3
+#   moat:      probe --model F --threads $THREADS bench --prompt-tokens 512 --gen-tokens 64 --reps 3
+# then moat's aggregate decode with 8 concurrent streams vs 1 (probe
+# `bench --streams N`), and prints a markdown table: prompt and decode tok/s,
+# moat/llama.cpp ratios, and decode as a % of the memory-bandwidth bound
+# (read bandwidth measured here ÷ bytes of weights read per token, i.e. the
+# GGUF's tensor bytes without token_embd).
+#
+# Env: THREADS (2), ROUNDS (2), TYPES ("Q8_0 Q4_0"), ARCH (qwen2 | llama:
+# the same sizes as a Llama), SKIP_MOAT=1 (llama.cpp only), MOAT_PROBE (a
+# prebuilt probe; default: cargo build --release of the example), BENCH_WORK.
+# Run it on an otherwise idle machine: it prints the load average it started
+# with, and two threads of a 2-core machine leave no slack for a compiler.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moat/target}"
+VENV="${MOAT_TEST_VENV:-$HOME/.cache/moat/venv}"
+PY="${PYTHON:-$VENV/bin/python}"
+CACHE="${MOAT_CACHE:-$HOME/.cache/moat}"
+THREADS="${THREADS:-2}"
+ROUNDS="${ROUNDS:-2}"
+TYPES="${TYPES:-Q8_0 Q4_0}"
+ARCH="${ARCH:-qwen2}"
+WORK="${BENCH_WORK:-$(mktemp -d /tmp/moat-bench-engine-XXXXXX)}"
+export OPENBLAS_NUM_THREADS=1
+log() { printf 'engine.sh: %s\n' "$*" >&2; }
+
+if [ ! -x "$PY" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/scripts/requirements-test.txt"
+fi
+LLAMA="$("$ROOT/scripts/llama_cpp.sh" "$VENV")"
+
+models="$CACHE/bench-engine/$ARCH-r1-1.5b-seed1"
+mkdir -p "$models"
+if [ ! -f "$models/model-f16.gguf" ]; then
+  log "writing the $ARCH r1-1.5b-shape F16 GGUF (3.6 GB, once)"
+  "$PY" "$ROOT/tests/engine/make_gguf.py" --arch "$ARCH" --shape r1-1.5b --seed 1 --out "$models" --formats f16 >&2
+fi
+for q in $TYPES; do
+  if [ ! -f "$models/model-$q.gguf" ]; then
+    log "llama-quantize F16 -> $q (once)"
+    "$LLAMA/bin/llama-quantize" "$models/model-f16.gguf" "$models/model-$q.gguf.tmp" "$q" >"$WORK/quantize-$q.log" 2>&1 \
+      || { tail -20 "$WORK/quantize-$q.log" >&2; exit 1; }
+    mv "$models/model-$q.gguf.tmp" "$models/model-$q.gguf"
+  fi
+done
+
+PROBE=""
+if [ "${SKIP_MOAT:-0}" != 1 ]; then
+  if [ -n "${MOAT_PROBE:-}" ]; then
+    PROBE="$MOAT_PROBE"
+  else
+    (cd "$ROOT" && cargo build --release --locked -p moat-engine --example probe >&2)
+    PROBE="$CARGO_TARGET_DIR/release/examples/probe"
+  fi
+fi
+
+results="$WORK/results.jsonl"
+: >"$results"
+bw="$("$PY" "$ROOT/bench/engine.py" bandwidth --threads "$THREADS")"
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+"$PY" - "$results" "$bw" "$cpu" "$THREADS" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(cat "$LLAMA/built.ok")" $TYPES <<'EOF'
+import json, sys
+out, bw, cpu, threads, load, commit, *types = sys.argv[1:]
+bw = json.loads(bw)
+with open(out, "a") as f:
+    f.write(json.dumps({"kind": "meta", "cpu": cpu, "threads": int(threads), "load": load,
+                        "llama_cpp": commit, "read_gbs": bw["read_gbs"], "copy_gbs": bw["copy_gbs"],
+                        "types": types}) + "\n")
+EOF
+for q in $TYPES; do
+  printf '{"kind":"weights","type":"%s","weight_bytes":%s}\n' "$q" \
+    "$("$PY" "$ROOT/bench/engine.py" weight-bytes "$models/model-$q.gguf")" >>"$results"
+done
+
+for round in $(seq 1 "$ROUNDS"); do
+  for q in $TYPES; do
+    log "round $round/$ROUNDS, $q: llama-bench"
+    "$LLAMA/bin/llama-bench" -m "$models/model-$q.gguf" -t "$THREADS" -p 512 -n 64 -r 3 -o json \
+      >"$WORK/llama-bench-$q-$round.json" 2>"$WORK/llama-bench-$q-$round.log" \
+      || { tail -20 "$WORK/llama-bench-$q-$round.log" >&2; exit 1; }
+    "$PY" - "$WORK/llama-bench-$q-$round.json" "$q" >>"$results" <<'EOF'
+import json, sys
+runs = json.load(open(sys.argv[1]))
+pp = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
+tg = next(r["avg_ts"] for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
+print(json.dumps({"kind": "llama.cpp", "type": sys.argv[2], "prompt_tok_s": pp, "decode_tok_s": tg}))
+EOF
+    if [ -n "$PROBE" ]; then
+      log "round $round/$ROUNDS, $q: moat probe bench"
+      "$PROBE" --model "$models/model-$q.gguf" --threads "$THREADS" bench --prompt-tokens 512 --gen-tokens 64 \
+        --reps 3 >"$WORK/probe-$q-$round.json"
+      "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); d.update(kind="moat", type=sys.argv[2]); print(json.dumps(d))' \
+        "$WORK/probe-$q-$round.json" "$q" >>"$results"
+    fi
+  done
+done
+
+if [ -n "$PROBE" ]; then
+  for q in $TYPES; do
+    log "$q: moat aggregate decode, 1 and 8 streams"
+    one="$("$PROBE" --model "$models/model-$q.gguf" --threads "$THREADS" bench --prompt-tokens 64 --gen-tokens 64 \
+      --reps 3 --streams 1 2>"$WORK/streams-$q.log" || true)"
+    eight="$("$PROBE" --model "$models/model-$q.gguf" --threads "$THREADS" bench --prompt-tokens 64 --gen-tokens 64 \
+      --reps 3 --streams 8 2>>"$WORK/streams-$q.log" || true)"
+    "$PY" - "$q" "$one" "$eight" >>"$results" <<'EOF'
+import json, sys
+q, one, eight = sys.argv[1:]
+def tok_s(s):
+    try:
+        return round(json.loads(s)["decode_tok_s"], 1)
+    except (ValueError, KeyError):
+        return None
+r = {"kind": "streams", "type": q, "one": tok_s(one), "eight": tok_s(eight)}
+if r["eight"] is None:
+    r["note"] = "probe bench --streams failed, see streams log"
+print(json.dumps(r))
+EOF
+  done
+fi
+
+"$PY" "$ROOT/bench/engine.py" table "$results"
+echo
+echo "(raw results: $results)"
