@@ -67,6 +67,12 @@ export MOAT_LLAMA_CPP_DIR
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# unsafe_code is denied workspace-wide; the one audited exception is the SIMD
+# kernel module (docs/security.md, "Unsafe code"). Anywhere else is a failure.
+if grep -rln 'allow(unsafe_code)' crates --include='*.rs' | grep -v '^crates/moat-engine/src/cpu/quant/simd'; then
+  echo "allow(unsafe_code) outside crates/moat-engine/src/cpu/quant/simd*" >&2
+  exit 1
+fi
 
 step "rust tests (unit + integration against the real binary)"
 # The KMS tests start moto's server (a real KMS API) on a loopback port.

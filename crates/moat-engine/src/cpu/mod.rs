@@ -10,7 +10,11 @@
 //! - [`BatchModel`]: what the scheduler drives, one step at a time;
 //! - [`KvCache`]: one sequence's keys and values, owned by the scheduler.
 
+pub mod gguf;
+pub mod load;
+pub mod model;
 pub mod quant;
+pub mod vocab;
 
 use crate::error::EngineError;
 
@@ -78,6 +82,15 @@ impl KvCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+
+    /// Back to `len` tokens (a failed step undoing what it appended).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        let floats = len * self.kv_dim;
+        for x in self.k.iter_mut().chain(self.v.iter_mut()) {
+            x.truncate(floats);
+        }
+        self.len = self.len.min(len);
+    }
 }
 
 /// One sequence's part of a forward step.
@@ -128,3 +141,6 @@ pub(crate) fn check_batch(batch: &[SeqInput<'_>], vocab: usize) -> Result<(), En
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

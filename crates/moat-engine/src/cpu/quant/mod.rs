@@ -1,5 +1,25 @@
 //! Weight formats the CPU engine computes with: plain floats and the ggml
-//! block quantisations that GGUF files carry.
+//! block quantisations that GGUF files carry, and the matrix products over
+//! them ([`QMatrix::matmul`]) that are almost all of a forward pass's time.
+//!
+//! - [`blocks`]: ggml's encodings and llama.cpp's reference quantisers, block
+//!   by block (the truth every faster path is tested against);
+//! - [`kernels`]: the portable scalar kernels and the activation formats;
+//! - `simd` (x86_64 only): AVX2 and AVX-512 VNNI kernels, picked at run time;
+//!   the one module allowed `unsafe` (raw loads and target-feature calls).
+//!
+//! Weights may be held in a layout of our own (Q8_0 and Q4_0 split scales
+//! from quants and store quants unsigned) because that is what the SIMD
+//! kernels want; [`QMatrix::to_ggml`] always gives the exact ggml bytes back.
+
+pub(crate) mod blocks;
+pub(crate) mod kernels;
+mod matrix;
+#[cfg(test)]
+mod tests;
+
+pub use kernels::Level;
+pub use matrix::{QMatrix, QuantError, axpy_f32, dot_f32};
 
 /// A weight encoding, named and laid out as ggml does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,7 +97,7 @@ impl QType {
     /// Bytes of one row of `cols` elements; `None` unless `cols` is a whole
     /// number of blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        if cols % self.block_elems() != 0 {
+        if !cols.is_multiple_of(self.block_elems()) {
             return None;
         }
         (cols / self.block_elems()).checked_mul(self.block_bytes())
