@@ -108,8 +108,7 @@ def table(results: Path) -> str:
         for r in streams:
             one, eight = r.get("one"), r.get("eight")
             ratio = f"{eight / one:.2f}x" if one and eight else "n/a"
-            out.append(f"| {r['type']} | {one if one is not None else 'n/a'} | "
-                       f"{eight if eight is not None else 'n/a (' + r.get('note', '') + ')'} | {ratio} |")
+            out.append(f"| {r['type']} | {one} | {eight} | {ratio} |")
     return "\n".join(out)
 
 
