@@ -164,21 +164,29 @@ def build_vocab(vocab: int) -> tuple[list[str], list[str], list[int]]:
     tokens = list(base)
     seen = set(tokens)
     merges: list[str] = []
-    # Letters and digits first so short prompts tokenise into merged tokens.
-    order = sorted(base, key=lambda c: (not c.isalnum(), ord(c)))
-    i = 0
-    while len(tokens) < n_plain:
-        left = tokens[i] if i < len(tokens) else None
-        i += 1
-        for right in order:
-            if len(tokens) >= n_plain:
-                break
-            new = left + right
-            if new in seen:
-                continue
-            seen.add(new)
-            tokens.append(new)
-            merges.append(f"{left} {right}")
+    # First every pair of letters/digits ("he", "ll", ... so text tokenises
+    # into merged tokens), then each token so far extended by each byte.
+    alnum = sorted((c for c in base if c.isascii() and c.isalnum()), key=lambda c: (not c.islower(), c))
+
+    def candidates():
+        for left in alnum:
+            for right in alnum:
+                yield left, right
+        i = len(base)
+        while True:
+            for right in base:
+                yield tokens[i], right
+            i += 1
+
+    for left, right in candidates():
+        if len(tokens) >= n_plain:
+            break
+        new = left + right
+        if new in seen:
+            continue
+        seen.add(new)
+        tokens.append(new)
+        merges.append(f"{left} {right}")
     types = [gguf.TokenType.NORMAL] * len(tokens)
     for content, special in SPECIAL_TOKENS:
         tokens.append(content)
