@@ -96,8 +96,9 @@ def table(results: Path) -> str:
         def f(x, fmt="{:.1f}"):
             return "n/a" if x is None else fmt.format(x)
 
+        size = f"{wb / 1e9:.2f} GB" if wb >= 1e8 else f"{wb / 1e6:.2f} MB"
         out.append(
-            f"| {q} | {wb / 1e9:.2f} GB | {f(lp)} | {f(mp)} | {f(mp / lp if mp and lp else None, '{:.2f}x')} "
+            f"| {q} | {size} | {f(lp)} | {f(mp)} | {f(mp / lp if mp and lp else None, '{:.2f}x')} "
             f"| {f(ld)} | {f(md)} | {f(md / ld if md and ld else None, '{:.2f}x')} | {bound:.1f} "
             f"| {f(100 * md / bound if md else None, '{:.0f} %')} | {f(100 * ld / bound if ld else None, '{:.0f} %')} "
             f"| {f(rss / mweights if rss and mweights else None, '{:.2f}')} |"

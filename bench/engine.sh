@@ -17,7 +17,7 @@
 # GGUF's tensor bytes without token_embd).
 #
 # Env: THREADS (2), ROUNDS (2), TYPES ("Q8_0 Q4_0"), ARCH (qwen2 | llama:
-# the same sizes as a Llama), SKIP_MOAT=1 (llama.cpp only), MOAT_PROBE (a
+# the same sizes as a Llama), SHAPE (r1-1.5b | tiny: a smoke test of the script), SKIP_MOAT=1 (llama.cpp only), MOAT_PROBE (a
 # prebuilt probe; default: cargo build --release of the example), BENCH_WORK.
 # Run it on an otherwise idle machine: it prints the load average it started
 # with, and two threads of a 2-core machine leave no slack for a compiler.
@@ -31,6 +31,7 @@ THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-2}"
 TYPES="${TYPES:-Q8_0 Q4_0}"
 ARCH="${ARCH:-qwen2}"
+SHAPE="${SHAPE:-r1-1.5b}"
 WORK="${BENCH_WORK:-$(mktemp -d /tmp/moat-bench-engine-XXXXXX)}"
 export OPENBLAS_NUM_THREADS=1
 log() { printf 'engine.sh: %s\n' "$*" >&2; }
@@ -41,11 +42,11 @@ if [ ! -x "$PY" ]; then
 fi
 LLAMA="$("$ROOT/scripts/llama_cpp.sh" "$VENV")"
 
-models="$CACHE/bench-engine/$ARCH-r1-1.5b-seed1"
+models="$CACHE/bench-engine/$ARCH-$SHAPE-seed1"
 mkdir -p "$models"
 if [ ! -f "$models/model-f16.gguf" ]; then
-  log "writing the $ARCH r1-1.5b-shape F16 GGUF (3.6 GB, once)"
-  "$PY" "$ROOT/tests/engine/make_gguf.py" --arch "$ARCH" --shape r1-1.5b --seed 1 --out "$models" --formats f16 >&2
+  log "writing the $ARCH $SHAPE-shape F16 GGUF (r1-1.5b: 3.6 GB, once)"
+  "$PY" "$ROOT/tests/engine/make_gguf.py" --arch "$ARCH" --shape "$SHAPE" --seed 1 --out "$models" --formats f16 >&2
 fi
 for q in $TYPES; do
   if [ ! -f "$models/model-$q.gguf" ]; then
