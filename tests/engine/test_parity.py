@@ -18,8 +18,7 @@ own llama-quantize), Qwen2 and Llama (plain and with Llama-3.1 rope scaling):
 
 Greedy equality is only meaningful when no step is a near-tie: a prompt is
 chosen (deterministically, first of a fixed list) for which every step's
-top-1 margin in llama.cpp's run is at least MARGIN x the tolerance, so two
-implementations within tolerance MUST pick the same tokens, and a token
+top-1 margin in llama.cpp's run is at least MARGIN[type], so that a token
 mismatch is a real error, not rounding. Tolerances and why: see TOL_MAX.
 
 moat is driven through `probe` (crates/moat-engine/examples/probe.rs, see
