@@ -71,7 +71,8 @@ def table(results: Path) -> str:
     out = [
         f"CPU: {meta['cpu']}; threads: {meta['threads']}; memory bandwidth ({meta['threads']} threads): "
         f"read {meta['read_gbs']:.1f} GB/s, copy {meta['copy_gbs']:.1f} GB/s; llama.cpp {meta['llama_cpp']}; "
-        f"load average before: {meta['load']}",
+        f"load average at start: {meta['load']}, at end: "
+        f"{next((r['load'] for r in rows if r['kind'] == 'end'), 'n/a')}",
         "",
         "| type | weights read/token | llama.cpp prompt tok/s | moat prompt tok/s | prompt ratio "
         "| llama.cpp decode tok/s | moat decode tok/s | decode ratio | bandwidth bound tok/s "

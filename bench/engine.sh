@@ -18,9 +18,13 @@
 #
 # Env: THREADS (2), ROUNDS (2), TYPES ("Q8_0 Q4_0"), ARCH (qwen2 | llama:
 # the same sizes as a Llama), SHAPE (r1-1.5b | tiny: a smoke test of the script), SKIP_MOAT=1 (llama.cpp only), MOAT_PROBE (a
-# prebuilt probe; default: cargo build --release of the example), BENCH_WORK.
-# Run it on an otherwise idle machine: it prints the load average it started
-# with, and two threads of a 2-core machine leave no slack for a compiler.
+# prebuilt probe; default: cargo build --release of the example), BENCH_WORK,
+# WAIT_IDLE (seconds to wait for the 1-minute load average to fall below 0.5
+# before measuring; default 0).
+# Run it on an otherwise idle machine: two threads on a 2-core machine leave
+# no slack, and llama.cpp's decode (a thread barrier per op) slows several
+# fold when another process takes a core. The table's header prints the load
+# average at the start and at the end of the measurements.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moat/target}"
@@ -65,6 +69,11 @@ if [ "${SKIP_MOAT:-0}" != 1 ]; then
     (cd "$ROOT" && cargo build --release --locked -p moat-engine --example probe >&2)
     PROBE="$CARGO_TARGET_DIR/release/examples/probe"
   fi
+fi
+
+if [ "${WAIT_IDLE:-0}" -gt 0 ]; then
+  deadline=$(($(date +%s) + WAIT_IDLE))
+  while awk '{exit !($1 >= 0.5)}' /proc/loadavg && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
 fi
 
 results="$WORK/results.jsonl"
@@ -122,6 +131,7 @@ EOF
   done
 fi
 
+printf '{"kind":"end","load":"%s"}\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$results"
 "$PY" "$ROOT/bench/engine.py" table "$results"
 echo
 echo "(raw results: $results)"
