@@ -513,11 +513,18 @@ def test_too_many_stop_strings(client):
     assert body["param"] == "stop"
 
 
-def test_unsupported_parameters_are_refused(client):
-    body = bad_request_error(client, n=2, max_tokens=1)
+def test_out_of_range_and_unsupported_parameters_are_refused(client):
+    body = bad_request_error(client, n=99, max_tokens=1)
     assert body["param"] == "n"
-    body = bad_request_error(client, logprobs=True, max_tokens=1)
-    assert body["param"] == "logprobs"
+    body = bad_request_error(client, logprobs=True, top_logprobs=21, max_tokens=1)
+    assert body["param"] == "top_logprobs"
+    body = bad_request_error(client, top_logprobs=2, max_tokens=1)
+    assert body["param"] == "top_logprobs"
+    for field, value in [("min_p", 1.5), ("repetition_penalty", 0), ("presence_penalty", 3),
+                         ("frequency_penalty", -3)]:
+        body = bad_request_error(client, max_tokens=1, extra_body={field: value})
+        assert body["param"] == field, body
+        assert field in body["message"], body
     body = bad_request_error(
         client,
         max_tokens=1,
@@ -779,3 +786,84 @@ def test_abandoned_plain_request_is_recorded_as_499(moat_server):
         headers=headers,
     )
     assert r.status == 200 and time.monotonic() - t0 < 5
+
+
+# --------------------------------------------------------------------------
+# sampling surface: n, logprobs, extra knobs, /v1/completions
+
+
+def test_n_returns_distinct_choices_and_choice_zero_matches_n1(client):
+    two = chat(client, max_tokens=12, temperature=1.0, seed=11, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert all(c.finish_reason in ("length", "stop") for c in two.choices)
+    assert two.choices[0].message.content != two.choices[1].message.content
+    one = chat(client, max_tokens=12, temperature=1.0, seed=11)
+    assert one.choices[0].message.content == two.choices[0].message.content
+    assert two.usage.completion_tokens > one.usage.completion_tokens
+
+    chunks = collect_stream(client, max_tokens=12, temperature=1.0, seed=11, n=2)
+    texts, finishes = {0: "", 1: ""}, {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert set(finishes) == {0, 1}
+    assert texts[0] == two.choices[0].message.content
+    assert texts[1] == two.choices[1].message.content
+
+
+def test_logprobs_shape(client):
+    r = chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens
+    for t in lp:
+        assert t.logprob <= 0.0
+        assert len(t.top_logprobs) == 3
+        assert t.bytes == list(t.token.encode("utf-8"))
+        # Greedy: the sampled token is the most likely one.
+        assert t.top_logprobs[0].logprob == t.logprob
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    plain = chat(client, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_extra_sampling_knobs_are_honoured(client):
+    greedy = chat(client, max_tokens=24, temperature=0).choices[0].message.content
+    # top_k 1 at any temperature is greedy.
+    k1 = chat(client, max_tokens=24, temperature=1.5, seed=3, extra_body={"top_k": 1})
+    assert k1.choices[0].message.content == greedy
+    # Penalties are accepted (their effect is proven on fixed logits in
+    # moat-engine's sampling tests) and stay deterministic.
+    body = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.05}
+    a = chat(client, max_tokens=12, temperature=0.8, seed=5, extra_body=body).choices[0].message.content
+    b = chat(client, max_tokens=12, temperature=0.8, seed=5, extra_body=body).choices[0].message.content
+    assert a == b and a
+
+
+def test_completions_text_and_tokens(client):
+    r = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=8, temperature=0)
+    assert r.object == "text_completion"
+    assert r.id.startswith("cmpl-")
+    assert len(r.choices) == 1 and r.choices[0].text
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    again = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=8, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+    toks = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=4, temperature=0)
+    assert toks.usage.prompt_tokens == 4
+    stream = list(client.completions.create(model=MODEL, prompt="The sea is", max_tokens=8,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
+    assert stream[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    lp = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4, temperature=0, logprobs=2)
+    l = lp.choices[0].logprobs
+    assert len(l.tokens) == len(l.token_logprobs) == len(l.top_logprobs) == len(l.text_offset)
+    assert all(len(m) == 2 for m in l.top_logprobs)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=1)
+    assert info.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=[10**9], max_tokens=1)
+    assert info.value.body["param"] == "prompt"

@@ -6,9 +6,14 @@ pub enum EngineError {
     /// The request cannot be served as asked; `param` names the field.
     #[error("{message}")]
     InvalidRequest { param: Option<String>, message: String },
-    /// The queue is full; retry later.
-    #[error("model {model} is overloaded: {queued} requests queued; retry later")]
-    Overloaded { model: String, queued: usize },
+    /// The queue or the KV-cache budget is full; retry in `retry_after`
+    /// seconds (sent as `Retry-After`).
+    #[error("model {model} is overloaded: {reason}; retry later")]
+    Overloaded {
+        model: String,
+        reason: String,
+        retry_after: u64,
+    },
     /// The model could not be loaded; names the file and what is wrong.
     #[error("model {model}: {message}")]
     Load { model: String, message: String },

@@ -1,50 +1,89 @@
-//! The running engine: one worker thread per model that owns the weights and
-//! KV cache, fed through a bounded queue. Requests are validated on the
-//! caller's thread (template, tokenization, limits) so a bad request never
-//! waits in the queue; a full queue is refused at once (`Overloaded`).
+//! The running engine: validation of requests on the caller's thread
+//! (template, tokenization, every limit) so a bad request never waits in a
+//! queue, then the model's [`crate::sched::Scheduler`]: continuous batching
+//! over the engine's own CPU core ([`crate::cpu::BatchModel`]).
 //!
 //! Output goes out as [`Event`]s on a channel; when the receiver is dropped
-//! (the client went away) the worker stops generating for that request.
+//! (the client went away) the scheduler stops generating for that request
+//! within one step.
 
+use crate::cpu::BatchModel;
 use crate::error::EngineError;
-use crate::load::{Loaded, load};
-use crate::request::{ChatRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, ROLES, ValidRequest};
-use crate::sampling::Sampler;
-use crate::stop::StopMatcher;
+use crate::load::{LoadOptions, load_engine};
+use crate::request::{
+    ChatRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Prompt, ROLES, ValidRequest,
+};
+use crate::sampling::SamplingParams;
+use crate::sched::{SchedOptions, Scheduler, TextSide};
 use crate::template::ChatTemplate;
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::qwen2;
 use moat_artifact::VerifiedModel;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
-use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Requests that may wait for the worker; beyond this, `Overloaded`.
+    /// Requests that may wait to start; beyond this, `Overloaded`.
     pub queue_capacity: usize,
     /// Upper bound on prompt + completion tokens (also bounds KV memory).
     pub max_context: usize,
     /// `max_tokens` when the request gives none.
     pub default_max_tokens: usize,
+    /// Most choices (`n`) one request may ask for.
+    pub max_n: u32,
+    /// KV-cache bytes all admitted requests of a model may reserve
+    /// together (`n × (prompt + max_tokens)` tokens each, at worst).
+    pub kv_budget_bytes: usize,
+    /// Most prompt tokens processed in one scheduler step.
+    pub prefill_chunk: usize,
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// Threads of the model's compute pool.
+    pub threads: usize,
+    /// A request still running this long after admission ends with an error.
+    pub request_deadline: Option<Duration>,
+    /// Drop DeepSeek-R1 reasoning from answers unless a request asks for it
+    /// (`include_reasoning: true`).
+    pub hide_reasoning: bool,
+    /// Quantise float weights to this encoding at load (`[[models]]
+    /// quantize`); a GGUF's already-quantised tensors stay as they are.
+    pub quantize: Option<crate::cpu::quant::QType>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
+        let s = SchedOptions::default();
         Self {
-            queue_capacity: 64,
+            queue_capacity: s.queue_capacity,
             max_context: 4096,
             default_max_tokens: 512,
+            max_n: 4,
+            kv_budget_bytes: s.kv_budget_bytes,
+            prefill_chunk: s.prefill_chunk,
+            max_batch: s.max_batch,
+            threads: s.threads,
+            request_deadline: Some(Duration::from_secs(600)),
+            hide_reasoning: false,
+            quantize: None,
         }
     }
 }
 
-/// The KV cache of a model's worker, now. The worker runs one request at a
-/// time and empties the cache between requests, so `tokens` is the running
-/// request's prompt plus what it has generated so far.
+impl EngineOptions {
+    fn sched(&self) -> SchedOptions {
+        SchedOptions {
+            queue_capacity: self.queue_capacity,
+            kv_budget_bytes: self.kv_budget_bytes,
+            prefill_chunk: self.prefill_chunk,
+            max_batch: self.max_batch,
+            threads: self.threads,
+            retry_after: 1,
+        }
+    }
+}
+
+/// The KV cache of a model, now: tokens held by every running sequence
+/// against what may be held (the KV budget), and the bytes per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheUsage {
     pub tokens: usize,
@@ -86,22 +125,52 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
+/// One alternative in a token's log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+}
+
+/// A sampled token's log-probability (log-softmax of the raw logits) and
+/// the most likely alternatives, most likely first. `token` is the token's
+/// own text; a token holding part of a UTF-8 character shows U+FFFD.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The worker took the request off the queue and starts the prompt;
+    /// The runner took the request off the queue and starts the prompt;
     /// `queue_wait` is how long it waited there (for queue-wait metrics).
     Started {
         queue_wait: Duration,
     },
-    /// Generated text: answer text in `content`, DeepSeek-R1 reasoning (the
-    /// text inside `<think>…</think>`) in `reasoning`. One is non-empty.
-    /// `tokens` counts the completion tokens generated so far, so work a
+    /// Generated text of choice `index`: answer text in `content`,
+    /// DeepSeek-R1 reasoning (the text inside `<think>…</think>`) in
+    /// `reasoning`; at most one is non-empty. `logprobs` holds the tokens
+    /// sampled since the previous delta of this choice when asked for (so
+    /// text may be empty while they are not). `tokens` counts the
+    /// completion tokens generated so far over all choices, so work a
     /// client abandons mid-stream is still accounted for.
     Delta {
+        index: u32,
         content: String,
         reasoning: String,
         tokens: usize,
+        logprobs: Vec<TokenLogprob>,
     },
+    /// Choice `index` ended (the embedded engine sends one per choice,
+    /// before `Done`; upstreams send none and `Done` ends choice 0).
+    ChoiceEnd {
+        index: u32,
+        finish_reason: FinishReason,
+    },
+    /// The request ended; `finish_reason` is choice 0's and `usage` counts
+    /// every choice.
     Done {
         finish_reason: FinishReason,
         usage: Usage,
@@ -109,100 +178,79 @@ pub enum Event {
     Error(String),
 }
 
-/// What the caller side shares with the worker.
+/// What validation needs, shared with the runner.
 struct Shared {
-    tokenizer: Tokenizer,
+    text: Arc<TextSide>,
     template: ChatTemplate,
-    think_start: Option<u32>,
     context: usize,
-    kv_bytes_per_token: usize,
-}
-
-struct Job {
-    req: ValidRequest,
-    tx: mpsc::Sender<Event>,
-    enqueued: Instant,
+    vocab: usize,
 }
 
 pub struct Engine {
     name: String,
     revision: String,
     shared: Arc<Shared>,
-    queue: SyncSender<Job>,
-    /// Requests accepted into the queue and not yet taken by the worker
-    /// (the running request is not counted).
-    queued: Arc<AtomicUsize>,
-    /// Tokens in the worker's KV cache now (the worker writes it).
-    kv_tokens: Arc<AtomicUsize>,
+    // Boxed: keeps `Engine` (and `Backend`) small.
+    sched: Box<Scheduler>,
     opts: EngineOptions,
 }
 
 impl Engine {
-    /// Load `model` and start its worker thread.
+    /// Load `model` (GGUF, or safetensors with `config.json`) into the CPU
+    /// core and start its scheduler.
     pub fn start(model: VerifiedModel, opts: EngineOptions) -> Result<Self, EngineError> {
         let name = model.name().to_owned();
         let revision = model.revision().to_owned();
-        let Loaded {
-            model: lm,
-            tokenizer,
-            template,
-            eos_ids,
-            think_start,
-            think_end,
-            context,
-            kv_bytes_per_token,
-        } = load(model, opts.max_context)?;
-        let shared = Arc::new(Shared {
-            tokenizer,
-            template,
-            think_start,
-            context,
-            kv_bytes_per_token,
-        });
-        let kv_tokens = Arc::new(AtomicUsize::new(0));
-        let (queue, jobs) = sync_channel::<Job>(opts.queue_capacity);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let taken = queued.clone();
-        let mut worker = Worker {
-            model: lm,
-            shared: shared.clone(),
-            eos_ids,
-            think_start,
-            think_end,
-            kv_tokens: kv_tokens.clone(),
+        let loaded = load_engine(
+            model,
+            LoadOptions {
+                max_context: opts.max_context,
+                quantize: opts.quantize,
+            },
+        )?;
+        let t = loaded.text;
+        let text = TextSide {
+            tokenizer: t.tokenizer,
+            eos_ids: t.eos_ids,
+            think_start: t.think_start,
+            think_end: t.think_end,
         };
-        std::thread::Builder::new()
-            .name(format!("engine-{name}"))
-            .spawn(move || {
-                // Ends when every Engine handle (and so the sender) is gone.
-                while let Ok(job) = jobs.recv() {
-                    taken.fetch_sub(1, Ordering::Relaxed);
-                    worker.run(job);
-                }
-            })
-            .map_err(|e| EngineError::Load {
-                model: name.clone(),
-                message: format!("cannot start worker: {e}"),
-            })?;
+        Self::from_batch_model(&name, &revision, loaded.model, text, t.template, opts)
+    }
+
+    /// An engine over a [`BatchModel`], run by the continuous-batching
+    /// scheduler. The effective context is the smaller of the model's and
+    /// `opts.max_context`.
+    pub fn from_batch_model(
+        name: &str,
+        revision: &str,
+        model: Box<dyn BatchModel>,
+        text: TextSide,
+        template: ChatTemplate,
+        opts: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let context = model.context_length().min(opts.max_context);
+        let vocab = model.vocab_size();
+        let text = Arc::new(text);
+        let sched = Scheduler::start(name, model, text.clone(), opts.sched())?;
         Ok(Self {
-            name,
-            revision,
-            shared,
-            queue,
-            queued,
-            kv_tokens,
+            name: name.to_owned(),
+            revision: revision.to_owned(),
+            shared: Arc::new(Shared {
+                text,
+                template,
+                context,
+                vocab,
+            }),
+            sched: Box::new(sched),
             opts,
         })
     }
 
-    /// The worker's KV cache: tokens held now against the context it may
-    /// grow to, and the bytes per token.
+    /// The KV cache: tokens held by every running sequence against the
+    /// budget, and the bytes per token.
     pub fn kv_cache(&self) -> KvCacheUsage {
-        KvCacheUsage {
-            tokens: self.kv_tokens.load(Ordering::Relaxed),
-            capacity_tokens: self.shared.context,
-            bytes_per_token: self.shared.kv_bytes_per_token,
-        }
+        self.sched.kv_cache()
     }
 
     pub fn name(&self) -> &str {
@@ -217,9 +265,9 @@ impl Engine {
         self.shared.context
     }
 
-    /// Requests waiting for the worker now (not counting the one running).
+    /// Requests waiting to start now (not counting running ones).
     pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.sched.queue_depth()
     }
 
     /// How many requests may wait before new ones are refused.
@@ -227,54 +275,51 @@ impl Engine {
         self.opts.queue_capacity
     }
 
-    /// Render, tokenize and check a request against every limit.
+    /// Requests whose client went away before they finished, since start
+    /// (the scheduler removes them within one step).
+    pub fn cancelled_total(&self) -> u64 {
+        self.sched.cancelled_total()
+    }
+
+    /// The model's scheduler (queue, budget and step counters).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    /// Render (chat) or take (completion) the prompt, tokenize it and check
+    /// the request against every limit.
     pub fn validate(&self, req: ChatRequest) -> Result<ValidRequest, EngineError> {
-        if req.messages.is_empty() {
+        let sampling = check_sampling(&req)?;
+        let n = req.n.unwrap_or(1);
+        if n == 0 || n > self.opts.max_n {
             return Err(EngineError::invalid(
-                Some("messages"),
-                "messages must hold at least one message",
+                Some("n"),
+                format!("n {n} is not between 1 and {} (engine.max_n)", self.opts.max_n),
             ));
         }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(EngineError::invalid(
-                    Some("messages"),
-                    format!(
-                        "messages[{i}].role: {:?} is not one of {}",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
-                ));
+        let (prompt_ids, starts_in_reasoning, split_reasoning) = match &req.prompt {
+            Some(p) => {
+                if !req.messages.is_empty() {
+                    return Err(EngineError::invalid(
+                        Some("messages"),
+                        "a completion takes a prompt, not messages",
+                    ));
+                }
+                (self.completion_prompt(p)?, false, false)
             }
+            None => {
+                let (ids, starts) = self.chat_prompt(&req)?;
+                (ids, starts, true)
+            }
+        };
+        let param = if req.is_completion() { "prompt" } else { "messages" };
+        if prompt_ids.is_empty() {
+            return Err(EngineError::invalid(Some(param), "the prompt is empty"));
         }
-        let (temperature, top_p) = check_sampling(&req)?;
-        let messages: Vec<(String, String)> = req
-            .messages
-            .into_iter()
-            .map(|m| {
-                (
-                    if m.role == "developer" {
-                        "system".into()
-                    } else {
-                        m.role
-                    },
-                    m.content,
-                )
-            })
-            .collect();
-        let prompt = self.shared.template.render(&messages)?;
-        let enc = self
-            .shared
-            .tokenizer
-            .encode_fast(prompt.as_str(), false)
-            .map_err(|e| {
-                EngineError::invalid(Some("messages"), format!("cannot tokenize the prompt: {e}"))
-            })?;
-        let prompt_ids = enc.get_ids().to_vec();
         let context = self.shared.context;
         if prompt_ids.len() >= context {
             return Err(EngineError::invalid(
-                Some("messages"),
+                Some(param),
                 format!(
                     "the prompt is {} tokens; this model's context is {context} tokens",
                     prompt_ids.len()
@@ -310,63 +355,168 @@ impl Engine {
                 u64::from_le_bytes(b)
             }
         };
+        let valid = ValidRequest {
+            prompt_ids,
+            max_tokens,
+            n: n as usize,
+            sampling,
+            seed,
+            stop: req.stop,
+            logprobs: req.logprobs.map(|k| k as usize),
+            starts_in_reasoning,
+            split_reasoning,
+            hide_reasoning: !req.include_reasoning.unwrap_or(!self.opts.hide_reasoning),
+            ignore_eos: req.ignore_eos,
+            deadline: self.opts.request_deadline.map(|d| Instant::now() + d),
+        };
+        let s = &self.sched;
+        if valid.reserved_tokens() > s.budget_tokens() {
+            return Err(EngineError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "n × (prompt + max_tokens) = {} tokens exceeds this model's KV-cache budget of {} tokens \
+                     (engine.kv_budget_bytes)",
+                    valid.reserved_tokens(),
+                    s.budget_tokens()
+                ),
+            ));
+        }
+        Ok(valid)
+    }
+
+    fn chat_prompt(&self, req: &ChatRequest) -> Result<(Vec<u32>, bool), EngineError> {
+        if req.messages.is_empty() {
+            return Err(EngineError::invalid(
+                Some("messages"),
+                "messages must hold at least one message",
+            ));
+        }
+        for (i, m) in req.messages.iter().enumerate() {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(EngineError::invalid(
+                    Some("messages"),
+                    format!(
+                        "messages[{i}].role: {:?} is not one of {}",
+                        m.role,
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
+        }
+        let messages: Vec<(String, String)> = req
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    if m.role == "developer" {
+                        "system".into()
+                    } else {
+                        m.role.clone()
+                    },
+                    m.content.clone(),
+                )
+            })
+            .collect();
+        let prompt = self.shared.template.render(&messages)?;
+        let enc = self
+            .shared
+            .text
+            .tokenizer
+            .encode_fast(prompt.as_str(), false)
+            .map_err(|e| {
+                EngineError::invalid(Some("messages"), format!("cannot tokenize the prompt: {e}"))
+            })?;
         // Generation starts inside reasoning only when the prompt itself ends
         // with `<think>` (the R1 generation prompt); an unclosed tag earlier
         // in the conversation is just text.
-        let starts_in_reasoning = self.shared.think_start.is_some() && prompt.trim_end().ends_with("<think>");
-        Ok(ValidRequest {
-            prompt_ids,
-            max_tokens,
-            temperature,
-            top_p,
-            seed,
-            stop: req.stop,
-            starts_in_reasoning,
-        })
+        let starts = self.shared.text.think_start.is_some() && prompt.trim_end().ends_with("<think>");
+        Ok((enc.get_ids().to_vec(), starts))
     }
 
-    /// Queue a validated request; events arrive on the returned channel.
-    pub fn submit(&self, req: ValidRequest) -> Result<mpsc::Receiver<Event>, EngineError> {
-        let (tx, rx) = mpsc::channel(256);
-        // Counted before the send so the worker's decrement can never run
-        // first and wrap the counter below zero.
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            req,
-            tx,
-            enqueued: Instant::now(),
-        };
-        self.queue.try_send(job).map(|()| rx).map_err(|e| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                TrySendError::Full(_) => EngineError::Overloaded {
-                    model: self.name.clone(),
-                    queued: self.opts.queue_capacity,
-                },
-                TrySendError::Disconnected(_) => {
-                    EngineError::Inference(format!("model {} worker stopped", self.name))
-                }
+    fn completion_prompt(&self, p: &Prompt) -> Result<Vec<u32>, EngineError> {
+        match p {
+            Prompt::Text(t) => {
+                let enc = self
+                    .shared
+                    .text
+                    .tokenizer
+                    .encode_fast(t.as_str(), false)
+                    .map_err(|e| {
+                        EngineError::invalid(Some("prompt"), format!("cannot tokenize the prompt: {e}"))
+                    })?;
+                Ok(enc.get_ids().to_vec())
             }
-        })
+            Prompt::Tokens(ids) => {
+                let vocab = self.shared.vocab;
+                if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+                    return Err(EngineError::invalid(
+                        Some("prompt"),
+                        format!("prompt[{i}]: token id {t} is outside the vocabulary of {vocab}"),
+                    ));
+                }
+                Ok(ids.clone())
+            }
+        }
+    }
+
+    /// Admit a validated request (or refuse it at once with
+    /// `Overloaded`); events arrive on the returned channel.
+    pub fn submit(&self, req: ValidRequest) -> Result<mpsc::Receiver<Event>, EngineError> {
+        self.sched.submit(req)
+    }
+}
+
+fn range_check(
+    param: &str,
+    v: Option<f32>,
+    ok: impl Fn(f32) -> bool,
+    range: &str,
+) -> Result<(), EngineError> {
+    match v {
+        Some(x) if !ok(x) => Err(EngineError::invalid(
+            Some(param),
+            format!("{param} {x} is not in {range}"),
+        )),
+        _ => Ok(()),
     }
 }
 
 /// The checks on sampling fields and stop strings every backend applies
-/// (the embedded engine and upstream pools alike); returns the temperature
-/// and top_p in force.
-pub(crate) fn check_sampling(req: &ChatRequest) -> Result<(f32, f32), EngineError> {
-    let temperature = req.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+/// (the embedded engine and upstream pools alike); returns the sampling in
+/// force. `n` is checked by each backend against its own limit.
+pub(crate) fn check_sampling(req: &ChatRequest) -> Result<SamplingParams, EngineError> {
+    range_check(
+        "temperature",
+        req.temperature,
+        |x| (0.0..=2.0).contains(&x),
+        "[0, 2]",
+    )?;
+    range_check("top_p", req.top_p, |x| x > 0.0 && x <= 1.0, "(0, 1]")?;
+    range_check("min_p", req.min_p, |x| (0.0..=1.0).contains(&x), "[0, 1]")?;
+    range_check(
+        "repetition_penalty",
+        req.repetition_penalty,
+        |x| x > 0.0 && x <= 10.0,
+        "(0, 10]",
+    )?;
+    range_check(
+        "presence_penalty",
+        req.presence_penalty,
+        |x| (-2.0..=2.0).contains(&x),
+        "[-2, 2]",
+    )?;
+    range_check(
+        "frequency_penalty",
+        req.frequency_penalty,
+        |x| (-2.0..=2.0).contains(&x),
+        "[-2, 2]",
+    )?;
+    if let Some(k) = req.logprobs
+        && k > MAX_TOP_LOGPROBS
+    {
         return Err(EngineError::invalid(
-            Some("temperature"),
-            format!("temperature {temperature} is not in [0, 2]"),
-        ));
-    }
-    let top_p = req.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(EngineError::invalid(
-            Some("top_p"),
-            format!("top_p {top_p} is not in (0, 1]"),
+            Some("top_logprobs"),
+            format!("top_logprobs {k} is not between 0 and {MAX_TOP_LOGPROBS}"),
         ));
     }
     if req.stop.len() > MAX_STOP_STRINGS {
@@ -381,152 +531,14 @@ pub(crate) fn check_sampling(req: &ChatRequest) -> Result<(f32, f32), EngineErro
             format!("stop string of {} bytes exceeds {MAX_STOP_BYTES}", s.len()),
         ));
     }
-    Ok((temperature, top_p))
-}
-
-struct Worker {
-    model: qwen2::ModelForCausalLM,
-    shared: Arc<Shared>,
-    eos_ids: Vec<u32>,
-    think_start: Option<u32>,
-    think_end: Option<u32>,
-    kv_tokens: Arc<AtomicUsize>,
-}
-
-/// The receiver is gone: the client disconnected.
-struct Cancelled;
-
-fn send(tx: &mpsc::Sender<Event>, ev: Event) -> Result<(), Cancelled> {
-    tx.blocking_send(ev).map_err(|_| Cancelled)
-}
-
-fn send_text(
-    tx: &mpsc::Sender<Event>,
-    text: String,
-    reasoning: bool,
-    tokens: usize,
-) -> Result<(), Cancelled> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    let (content, reasoning) = if reasoning {
-        (String::new(), text)
-    } else {
-        (text, String::new())
-    };
-    send(
-        tx,
-        Event::Delta {
-            content,
-            reasoning,
-            tokens,
-        },
-    )
-}
-
-impl Worker {
-    fn run(&mut self, job: Job) {
-        let queue_wait = job.enqueued.elapsed();
-        if send(&job.tx, Event::Started { queue_wait }).is_err() {
-            tracing::info!("request dropped while queued: the client went away");
-            return;
-        }
-        let result = self.generate(&job.req, &job.tx);
-        // Free the cache between requests (it would otherwise hold the last
-        // request's tensors until the next one starts), so the KV-cache
-        // gauge reads what is really held.
-        self.model.clear_kv_cache();
-        self.kv_tokens.store(0, Ordering::Relaxed);
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(Cancelled)) => tracing::info!("generation cancelled: the client went away"),
-            Err(e) => {
-                tracing::error!(error = %e, "generation failed");
-                let _ = job.tx.blocking_send(Event::Error(e.to_string()));
-            }
-        }
-    }
-
-    fn logits(&mut self, ids: &[u32], offset: usize) -> Result<Vec<f32>, EngineError> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let out = self.model.forward(&input, offset)?;
-        Ok(out
-            .squeeze(0)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
-    }
-
-    fn generate(
-        &mut self,
-        req: &ValidRequest,
-        tx: &mpsc::Sender<Event>,
-    ) -> Result<Result<(), Cancelled>, EngineError> {
-        self.model.clear_kv_cache();
-        let shared = self.shared.clone();
-        let mut decoder = shared.tokenizer.decode_stream(true);
-        let mut sampler = Sampler::new(req.temperature, req.top_p, req.seed);
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut reasoning = req.starts_in_reasoning;
-        let mut input = req.prompt_ids.clone();
-        let mut offset = 0;
-        let mut generated = 0;
-        let mut finish = FinishReason::Length;
-        while generated < req.max_tokens {
-            if tx.is_closed() {
-                return Ok(Err(Cancelled));
-            }
-            let logits = self.logits(&input, offset)?;
-            offset += input.len();
-            self.kv_tokens.store(offset, Ordering::Relaxed);
-            let tok = sampler.sample(&logits);
-            generated += 1;
-            input = vec![tok];
-            if self.eos_ids.contains(&tok) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let switch = if Some(tok) == self.think_start {
-                Some(true)
-            } else if Some(tok) == self.think_end {
-                Some(false)
-            } else {
-                None
-            };
-            if let Some(to) = switch {
-                // Stop strings do not span the reasoning/answer boundary.
-                if let Err(c) = send_text(tx, stops.flush(), reasoning, generated) {
-                    return Ok(Err(c));
-                }
-                reasoning = to;
-                continue;
-            }
-            let piece = decoder
-                .step(tok)
-                .map_err(|e| EngineError::Inference(format!("cannot decode token {tok}: {e}")))?
-                .unwrap_or_default();
-            let step = stops.push(&piece);
-            if let Err(c) = send_text(tx, step.emit, reasoning, generated) {
-                return Ok(Err(c));
-            }
-            if step.stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-        }
-        if let Err(c) = send_text(tx, stops.flush(), reasoning, generated) {
-            return Ok(Err(c));
-        }
-        let usage = Usage {
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: generated,
-        };
-        Ok(send(
-            tx,
-            Event::Done {
-                finish_reason: finish,
-                usage,
-            },
-        ))
-    }
+    let d = SamplingParams::default();
+    Ok(SamplingParams {
+        temperature: req.temperature.unwrap_or(d.temperature),
+        top_p: req.top_p.unwrap_or(d.top_p),
+        top_k: req.top_k.map_or(d.top_k, |k| k as usize),
+        min_p: req.min_p.unwrap_or(d.min_p),
+        repetition_penalty: req.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
+    })
 }

@@ -5,8 +5,11 @@
 //! - [`template`]: the model's own chat template, rendered in a sandbox;
 //! - [`request`]: validation of a chat request into a [`request::ValidRequest`]
 //!   (the only thing the generator accepts);
-//! - [`generate`]: one worker thread per model with a bounded queue, sampling,
-//!   stop strings and the DeepSeek-R1 `<think>` split.
+//! - [`generate`]: the engine handle: validation, then a runner per model;
+//! - [`sched`]: the continuous-batching scheduler over a [`cpu::BatchModel`]
+//!   (admission against a queue and a KV budget, one forward per step,
+//!   cancellation within a step);
+//! - [`sampling`] and [`stop`]: next-token choice and stop strings.
 //!
 //! - [`upstream`]: a model served by OpenAI-compatible upstreams instead,
 //!   with health checks, load balancing and failover;
@@ -23,11 +26,14 @@ pub mod generate;
 pub mod load;
 pub mod request;
 pub mod sampling;
+pub mod sched;
 pub mod stop;
 pub mod template;
 pub mod upstream;
 
 pub use backend::{Backend, Submitted};
 pub use error::EngineError;
-pub use generate::{Engine, Event, FinishReason, KvCacheUsage, Usage};
-pub use request::{ChatMessage, ChatRequest, ValidRequest};
+pub use generate::{
+    Engine, EngineOptions, Event, FinishReason, KvCacheUsage, TokenLogprob, TopLogprob, Usage,
+};
+pub use request::{ChatMessage, ChatRequest, Prompt, ValidRequest};

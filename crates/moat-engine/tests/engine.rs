@@ -65,7 +65,7 @@ fn collect(engine: &Engine, req: ChatRequest) -> (String, String, FinishReason, 
             Event::Done { finish_reason, usage } => {
                 return (content, reasoning, finish_reason, usage.completion_tokens);
             }
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::ChoiceEnd { .. } => {}
             Event::Error(e) => panic!("{e}"),
         }
     }
@@ -147,6 +147,7 @@ fn a_full_queue_is_refused_at_once() {
         |_| {},
         EngineOptions {
             queue_capacity: 1,
+            max_batch: 1,
             ..EngineOptions::default()
         },
     );
@@ -173,9 +174,16 @@ fn a_full_queue_is_refused_at_once() {
 
 #[test]
 fn queue_depth_and_wait_are_reported() {
-    let (_t, engine) = engine(|_| {}, EngineOptions::default());
+    // One sequence at a time: the second request waits for a batch slot.
+    let (_t, engine) = engine(
+        |_| {},
+        EngineOptions {
+            max_batch: 1,
+            ..EngineOptions::default()
+        },
+    );
     assert_eq!(engine.queue_depth(), 0);
-    // The first request occupies the worker; the second waits behind it.
+    // The first request occupies the batch; the second waits behind it.
     let mut first = engine.submit(engine.validate(request(40)).unwrap()).unwrap();
     let mut second = engine.submit(engine.validate(request(1)).unwrap()).unwrap();
     let Some(Event::Started { queue_wait: w1 }) = first.blocking_recv() else {
@@ -216,8 +224,9 @@ fn kv_cache_use_is_reported_while_generating_and_freed_after() {
     let idle = engine.kv_cache();
     assert_eq!(idle.tokens, 0);
     assert_eq!(idle.bytes_per_token, per_token);
-    assert_eq!(idle.capacity_tokens, engine.context_length());
-    assert_eq!(idle.capacity_bytes(), engine.context_length() * per_token);
+    // The capacity is the KV budget every admitted request reserves from.
+    let budget = EngineOptions::default().kv_budget_bytes;
+    assert_eq!(idle.capacity_tokens, budget / per_token);
     let valid = engine.validate(request(40)).unwrap();
     let prompt = valid.prompt_tokens();
     let mut rx = engine.submit(valid).unwrap();
@@ -225,7 +234,13 @@ fn kv_cache_use_is_reported_while_generating_and_freed_after() {
     loop {
         match rx.blocking_recv().unwrap() {
             Event::Delta { .. } if seen == 0 => {
-                // The prompt is in the cache once the first token exists.
+                // The prompt is in the cache once the first token exists
+                // (the gauge is written at the end of each step).
+                let t = std::time::Instant::now();
+                while engine.kv_cache().tokens == 0 {
+                    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 seen = engine.kv_cache().tokens;
                 assert!(
                     (prompt..=prompt + 40).contains(&seen),
@@ -239,10 +254,131 @@ fn kv_cache_use_is_reported_while_generating_and_freed_after() {
         }
     }
     assert!(seen > 0);
-    // The worker empties the cache once the request is over.
+    // The scheduler drops the cache once the request is over.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while engine.kv_cache().tokens != 0 {
         assert!(std::time::Instant::now() < deadline, "the cache was not freed");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Run a request to the end and return every choice's content, by index.
+fn choices(engine: &Engine, req: ChatRequest) -> (Vec<String>, moat_engine::Usage) {
+    let n = req.n.unwrap_or(1) as usize;
+    let mut rx = engine.submit(engine.validate(req).unwrap()).unwrap();
+    let mut out = vec![String::new(); n];
+    loop {
+        match rx.blocking_recv().unwrap() {
+            Event::Delta { index, content, .. } => out[index as usize] += &content,
+            Event::Done { usage, .. } => return (out, usage),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn batched_requests_give_what_each_gives_alone() {
+    // The batched forward must not mix sequences: greedy answers to
+    // different prompts, run together, equal the answers run one by one.
+    let (_t, engine) = engine(|_| {}, EngineOptions::default());
+    let prompts = [
+        "Why is the sky blue?",
+        "Tell me about ships.",
+        "Count to ten please",
+    ];
+    let req = |p: &str, max: u64| ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: p.into(),
+        }],
+        max_tokens: Some(max),
+        temperature: Some(0.0),
+        ..ChatRequest::default()
+    };
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| choices(&engine, req(p, 24)).0.remove(0))
+        .collect();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(engine.validate(req(p, 24)).unwrap()).unwrap())
+        .collect();
+    let steps_before = engine.scheduler().steps_total();
+    let together: Vec<String> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            let mut s = String::new();
+            loop {
+                match rx.blocking_recv().unwrap() {
+                    Event::Delta { content, .. } => s += &content,
+                    Event::Done { .. } => return s,
+                    Event::Error(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+        })
+        .collect();
+    assert_eq!(together, alone);
+    // Fewer steps than three requests one after the other (3 × 24 + 3
+    // prompts), because decodes shared forward calls.
+    let steps = engine.scheduler().steps_total() - steps_before;
+    assert!(steps < 60, "{steps} steps");
+}
+
+#[test]
+fn n_choices_logprobs_and_completions_on_the_real_model() {
+    let (_t, engine) = engine(|_| {}, EngineOptions::default());
+    let mut req = request(16);
+    req.temperature = Some(1.0);
+    req.seed = Some(9);
+    req.n = Some(2);
+    let (two, usage) = choices(&engine, req.clone());
+    assert_ne!(two[0], two[1]);
+    req.n = None;
+    assert_eq!(choices(&engine, req).0[0], two[0]);
+    assert!(usage.completion_tokens > 16);
+    // Log-probabilities: the greedy token is the most likely one.
+    let mut req = request(4);
+    req.logprobs = Some(2);
+    let mut rx = engine.submit(engine.validate(req).unwrap()).unwrap();
+    let mut lps = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Delta { logprobs, .. } => lps.extend(logprobs),
+            Event::Done { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(lps.len(), 4);
+    assert!(
+        lps.iter()
+            .all(|t| t.top.len() == 2 && t.top[0].logprob == t.logprob)
+    );
+    // A completion from token ids; ids outside the vocabulary are refused.
+    let comp = ChatRequest {
+        prompt: Some(moat_engine::Prompt::Tokens(vec![5, 6, 7])),
+        max_tokens: Some(5),
+        temperature: Some(0.0),
+        ..ChatRequest::default()
+    };
+    let (text, usage) = choices(&engine, comp);
+    assert_eq!(usage.prompt_tokens, 3);
+    assert!(!text[0].is_empty());
+    let bad = ChatRequest {
+        prompt: Some(moat_engine::Prompt::Tokens(vec![u32::MAX])),
+        ..ChatRequest::default()
+    };
+    let e = engine.validate(bad).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InvalidRequest { param: Some(p), .. } if p == "prompt"),
+        "{e}"
+    );
+    let mut too_many = request(4);
+    too_many.n = Some(99);
+    let e = engine.validate(too_many).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InvalidRequest { param: Some(p), .. } if p == "n"),
+        "{e}"
+    );
 }

@@ -237,6 +237,14 @@ pub struct RawEngine {
     pub queue_capacity: Option<usize>,
     pub max_context: Option<usize>,
     pub default_max_tokens: Option<usize>,
+    pub max_n: Option<u32>,
+    pub kv_budget_bytes: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub threads: Option<usize>,
+    /// Seconds; 0 turns the deadline off.
+    pub request_deadline: Option<u64>,
+    pub hide_reasoning: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +292,9 @@ pub struct RawModel {
     #[serde(default)]
     pub upstreams: Vec<upstream::RawUpstream>,
     pub pool: Option<upstream::RawPool>,
+    /// Quantise the float weights at load: `"q8_0"`, `"q4_0"`, `"q4_k"`
+    /// (alias `"q4k"`) or `"q6_k"`.
+    pub quantize: Option<String>,
 }
 
 /// `[models.signature]`: who must have signed the model.
@@ -334,6 +345,8 @@ pub struct ModelConfig {
     pub name: ModelName,
     pub signature: Option<Arc<SignaturePolicy>>,
     pub backend: ModelBackend,
+    /// In-situ quantisation of float weights (embedded models only).
+    pub quantize: Option<moat_engine::cpu::quant::QType>,
 }
 
 /// What serves a model.
@@ -491,7 +504,38 @@ impl RawConfig {
                 .engine
                 .default_max_tokens
                 .unwrap_or(defaults.default_max_tokens),
+            max_n: self.engine.max_n.unwrap_or(defaults.max_n),
+            kv_budget_bytes: self.engine.kv_budget_bytes.unwrap_or(defaults.kv_budget_bytes),
+            prefill_chunk: self.engine.prefill_chunk.unwrap_or(defaults.prefill_chunk),
+            max_batch: self.engine.max_batch.unwrap_or(defaults.max_batch),
+            threads: self.engine.threads.unwrap_or(defaults.threads),
+            request_deadline: match self.engine.request_deadline {
+                None => defaults.request_deadline,
+                Some(0) => None,
+                Some(s) => Some(std::time::Duration::from_secs(s)),
+            },
+            hide_reasoning: self.engine.hide_reasoning.unwrap_or(defaults.hide_reasoning),
+            // Per model (`[[models]] quantize`), set when each is loaded.
+            quantize: None,
         };
+        if !(1..=16).contains(&engine.max_n) {
+            return Err(invalid("engine.max_n", "must be between 1 and 16"));
+        }
+        if engine.kv_budget_bytes < (1 << 20) {
+            return Err(invalid(
+                "engine.kv_budget_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if !(1..=65_536).contains(&engine.prefill_chunk) {
+            return Err(invalid("engine.prefill_chunk", "must be between 1 and 65536"));
+        }
+        if !(1..=1024).contains(&engine.max_batch) {
+            return Err(invalid("engine.max_batch", "must be between 1 and 1024"));
+        }
+        if !(1..=1024).contains(&engine.threads) {
+            return Err(invalid("engine.threads", "must be between 1 and 1024"));
+        }
         if !(1..=100_000).contains(&engine.queue_capacity) {
             return Err(invalid("engine.queue_capacity", "must be between 1 and 100000"));
         }
@@ -549,10 +593,31 @@ impl RawConfig {
                 None => None,
                 Some(raw) => Some(Arc::new(raw.into_policy(&format!("models[{i}].signature"))?)),
             };
+            use moat_engine::cpu::quant::QType;
+            let quantize = match m.quantize.as_deref() {
+                None => None,
+                Some(_) if matches!(backend, ModelBackend::Upstream(_)) => {
+                    return Err(invalid(
+                        format!("models[{i}].quantize"),
+                        "only for embedded models",
+                    ));
+                }
+                Some("q8_0") => Some(QType::Q8_0),
+                Some("q4_0") => Some(QType::Q4_0),
+                Some("q4_k" | "q4k") => Some(QType::Q4K),
+                Some("q6_k") => Some(QType::Q6K),
+                Some(other) => {
+                    return Err(invalid(
+                        format!("models[{i}].quantize"),
+                        format!("{other:?}: use \"q8_0\", \"q4_0\", \"q4_k\" or \"q6_k\""),
+                    ));
+                }
+            };
             models.push(ModelConfig {
                 name,
                 signature,
                 backend,
+                quantize,
             });
         }
         if models.is_empty() {
@@ -749,8 +814,25 @@ mod tests {
             ("backend = \"remote\"", "models[0].backend"),
             ("backend = \"upstream\"", "models[0].upstreams"),
             (
-                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"",
+                "backend = \"upstream\"\nquantize = \"q8_0\"\n[[models.upstreams]]\nurl = \"http://x/v1\"",
+                "models[0].quantize",
+            ),
+            ("quantize = \"int3\"", "models[0].quantize"),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"ftp://x/v1\"",
                 "models[0].upstreams[0].url",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://x/v1\"\ntls_ca_file = \"/ca.pem\"",
+                "models[0].upstreams[0].tls_ca_file",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"\ntls_ca_file = \"/nonexistent/ca.pem\"",
+                "models[0].upstreams[0].tls_ca_file",
+            ),
+            (
+                "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"https://x/v1\"\ntls_client_key_file = \"/k.pem\"",
+                "models[0].upstreams[0].tls_client_cert_file",
             ),
             (
                 "backend = \"upstream\"\n[[models.upstreams]]\nurl = \"http://u:p@x/v1\"",

@@ -93,9 +93,11 @@ impl ApiError {
         )
     }
 
-    pub fn overloaded(message: impl Into<String>) -> Self {
+    /// 503 with `Retry-After` (whole seconds, at least 1): the model's
+    /// queue or KV-cache budget is full.
+    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
         Self {
-            retry_after: Some(1),
+            retry_after: Some(retry_after.max(1)),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded_error",
@@ -199,7 +201,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::InvalidRequest { param, message } => ApiError::bad_request(param, message),
-            EngineError::Overloaded { .. } => ApiError::overloaded(e.to_string()),
+            EngineError::Overloaded { retry_after, .. } => ApiError::overloaded(e.to_string(), retry_after),
             EngineError::Unavailable { retry_after, .. } => {
                 ApiError::upstream_unavailable(e.to_string(), retry_after)
             }

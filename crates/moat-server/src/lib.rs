@@ -145,7 +145,10 @@ pub fn load_models(config: &Config) -> Result<LoadedModels, ServerError> {
                     &dir,
                     keyring,
                     model.signature.as_deref(),
-                    config.engine.clone(),
+                    moat_engine::generate::EngineOptions {
+                        quantize: model.quantize,
+                        ..config.engine.clone()
+                    },
                     &mut report,
                 )
             });
@@ -304,6 +307,7 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

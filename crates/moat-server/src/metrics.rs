@@ -214,6 +214,8 @@ pub struct Metrics {
     pub completion_tokens: Family<ModelLabels, Counter>,
     pub queue_depth: Family<ModelLabels, Gauge>,
     pub queue_capacity: Family<ModelLabels, Gauge>,
+    /// Requests the embedded engine dropped because the client went away.
+    pub engine_cancelled: Family<ModelLabels, Counter>,
     pub queue_wait: Family<ModelLabels, Histogram>,
     pub rejections: Family<RejectionLabels, Counter>,
     pub model_load: Family<ModelResultLabels, Histogram>,
@@ -337,6 +339,7 @@ impl Metrics {
             completion_tokens: Family::default(),
             queue_depth: Family::default(),
             queue_capacity: Family::default(),
+            engine_cancelled: Family::default(),
             queue_wait: histograms(latency_histogram),
             rejections: Family::default(),
             model_load: histograms(load_histogram),
@@ -403,6 +406,11 @@ impl Metrics {
             "engine_queue_capacity",
             "Requests that may wait before new ones are refused with 503, by model",
             m.queue_capacity.clone(),
+        );
+        r.register(
+            "engine_cancelled",
+            "Requests the embedded engine removed because the client went away (their compute stops within one step), by model",
+            m.engine_cancelled.clone(),
         );
         r.register(
             "engine_queue_wait_seconds",
@@ -622,6 +630,12 @@ impl Metrics {
             self.queue_capacity
                 .get_or_create(&l)
                 .set(i64::try_from(e.queue_capacity()).unwrap_or(i64::MAX));
+            // The engine counts; the counter follows it (fetch_max: two
+            // concurrent scrapes cannot count twice).
+            self.engine_cancelled
+                .get_or_create(&l)
+                .inner()
+                .fetch_max(e.cancelled_total(), std::sync::atomic::Ordering::Relaxed);
             let kv = e.kv_cache();
             let gauge = |f: &Family<ModelLabels, Gauge>, v: usize| {
                 f.get_or_create(&l).set(i64::try_from(v).unwrap_or(i64::MAX));

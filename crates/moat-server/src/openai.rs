@@ -1,6 +1,7 @@
 //! OpenAI-compatible routes: `GET /v1/models`, `GET /v1/models/{model}`,
-//! `POST /v1/chat/completions` (plain and streamed). Wire types live here;
-//! the engine sees only its own [`ChatRequest`].
+//! `POST /v1/chat/completions` and `POST /v1/completions` (plain and
+//! streamed, `n` choices, log-probabilities). Wire types live here; the
+//! engine sees only its own [`ChatRequest`].
 //!
 //! Streaming follows OpenAI exactly: `data: {chunk}\n\n` … `data: [DONE]\n\n`,
 //! the same `id` and `created` on every chunk, the role in the first delta,
@@ -17,7 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use moat_engine::{Backend, ChatMessage, ChatRequest, Event, FinishReason, Usage};
+use moat_engine::{Backend, ChatMessage, ChatRequest, Event, FinishReason, Prompt, TokenLogprob, Usage};
 use moat_guard::Principal;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -60,7 +61,10 @@ struct StreamOptions {
 
 /// The subset of the OpenAI request we honour. Unknown fields are ignored
 /// (clients send many); fields we know but cannot honour are refused below
-/// rather than silently ignored.
+/// rather than silently ignored. `top_k`, `min_p` and `repetition_penalty`
+/// (and `ignore_eos`) are vLLM's extensions; `include_reasoning` is
+/// OpenRouter's name for the
+/// reasoning switch.
 #[derive(Debug, Deserialize)]
 struct ChatCompletionRequest {
     model: String,
@@ -69,13 +73,83 @@ struct ChatCompletionRequest {
     max_completion_tokens: Option<u64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     seed: Option<i64>,
     stop: Option<Stop>,
+    n: Option<u32>,
+    ignore_eos: Option<bool>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    n: Option<u32>,
     logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    include_reasoning: Option<bool>,
     tools: Option<Value>,
+}
+
+/// An engine request with the sampling fields both APIs share (a macro:
+/// the two wire structs are separate so that parse errors name the field,
+/// which `#[serde(flatten)]` would lose).
+macro_rules! sampling_request {
+    ($r:expr) => {
+        ChatRequest {
+            temperature: $r.temperature,
+            top_p: $r.top_p,
+            top_k: $r.top_k,
+            min_p: $r.min_p,
+            repetition_penalty: $r.repetition_penalty,
+            presence_penalty: $r.presence_penalty,
+            frequency_penalty: $r.frequency_penalty,
+            seed: $r.seed.map(|s| s as u64),
+            stop: match &$r.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+            n: $r.n,
+            ignore_eos: $r.ignore_eos.unwrap_or(false),
+            ..ChatRequest::default()
+        }
+    };
+}
+
+/// `prompt` of a plain completion: OpenAI also takes a list (a batch);
+/// moat serves one prompt per request.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum WirePrompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: WirePrompt,
+    max_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    ignore_eos: Option<bool>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    /// Alternatives per token (the legacy API's integer form).
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<u32>,
 }
 
 fn unix_now() -> u64 {
@@ -154,21 +228,22 @@ fn parse_body<T: for<'de> Deserialize<'de>>(
 }
 
 fn into_engine_request(req: &ChatCompletionRequest) -> Result<ChatRequest, ApiError> {
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request(Some("n".into()), "only n = 1 is supported"));
-    }
-    if req.logprobs == Some(true) {
-        return Err(ApiError::bad_request(
-            Some("logprobs".into()),
-            "logprobs are not supported",
-        ));
-    }
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(ApiError::bad_request(
             Some("tools".into()),
             "tools are not supported",
         ));
     }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(k.unwrap_or(0)),
+        (_, Some(_)) => {
+            return Err(ApiError::bad_request(
+                Some("top_logprobs".into()),
+                "top_logprobs needs logprobs: true",
+            ));
+        }
+        _ => None,
+    };
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         let content = match &m.content {
@@ -198,45 +273,85 @@ fn into_engine_request(req: &ChatCompletionRequest) -> Result<ChatRequest, ApiEr
     Ok(ChatRequest {
         messages,
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed.map(|s| s as u64),
-        stop: match &req.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        },
+        logprobs,
+        include_reasoning: req.include_reasoning,
+        ..sampling_request!(req)
     })
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    principal: axum::Extension<Principal>,
-    parts: axum::http::request::Parts,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let ctx = context(&parts).ok_or_else(|| ApiError::internal("request context missing"))?;
-    let req: ChatCompletionRequest = parse_body(body, state.max_body_bytes)?;
+fn into_completion_request(req: &CompletionRequest) -> Result<ChatRequest, ApiError> {
+    let bad = |param: &str, msg: &str| Err(ApiError::bad_request(Some(param.into()), msg.to_owned()));
+    if req.echo == Some(true) {
+        return bad("echo", "echo is not supported");
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return bad("suffix", "suffix is not supported");
+    }
+    if req.best_of.is_some_and(|b| b != req.n.unwrap_or(1)) {
+        return bad("best_of", "best_of other than n is not supported");
+    }
+    let one = "one prompt per request: send a batch as separate requests";
+    let prompt = match &req.prompt {
+        WirePrompt::Text(t) => Prompt::Text(t.clone()),
+        WirePrompt::Texts(v) if v.len() == 1 => Prompt::Text(v[0].clone()),
+        WirePrompt::Tokens(v) => Prompt::Tokens(v.clone()),
+        WirePrompt::TokenLists(v) if v.len() == 1 => Prompt::Tokens(v[0].clone()),
+        WirePrompt::Texts(_) | WirePrompt::TokenLists(_) => return bad("prompt", one),
+    };
+    Ok(ChatRequest {
+        prompt: Some(prompt),
+        max_tokens: req.max_tokens,
+        logprobs: req.logprobs,
+        ..sampling_request!(req)
+    })
+}
+
+/// Which API a response speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+/// The checks and bookkeeping every generation request goes through, the
+/// same for chat and plain completions: model lookup, RBAC scope, the
+/// caller's caps, the engine request's own checks, the token budget
+/// (`max_tokens × n` reserved now, settled when the response ends), the
+/// audit's keyed prompt hash and capture, then submission.
+struct Admitted {
+    engine: Arc<Backend>,
+    events: mpsc::Receiver<Event>,
+    token_headers: Option<(u64, u64)>,
+}
+
+#[allow(clippy::too_many_arguments)] // one call site per API; a struct would only rename them
+async fn admit(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    ctx: &Arc<RequestContext>,
+    model: &str,
+    engine_request: Result<ChatRequest, ApiError>,
+    prompt_for_audit: impl FnOnce(&ChatRequest) -> Vec<[String; 2]>,
+    stream: bool,
+) -> Result<Result<Admitted, Response>, ApiError> {
     let engine = state
-        .engine(&req.model)
-        .ok_or_else(|| ApiError::model_not_found(&req.model))?;
-    if !principal.may_use_model(&req.model) {
+        .engine(model)
+        .ok_or_else(|| ApiError::model_not_found(model))?;
+    if !principal.may_use_model(model) {
         ctx.set_rejection(MODEL_SCOPE);
         return Err(ApiError::forbidden(format!(
-            "this API key may not use model `{}`",
-            req.model
+            "this API key may not use model `{model}`"
         )));
     }
     ctx.set_model(engine.name(), engine.revision());
-    // The role's caps, then the token budget: `max_tokens` is the most this
-    // request can cost, reserved now and settled when the response ends.
-    // One limits version for the whole request, even if SIGHUP swaps them.
+    let engine_request = engine_request?;
+    // The role's caps, then the token budget: `max_tokens` per choice is
+    // the most this request can cost, reserved now and settled when the
+    // response ends. One limits version for the whole request, even if
+    // SIGHUP swaps them.
     let rate = state.rate.load();
-    let limits = rate.limits_for(&principal);
-    let asked = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(state.default_max_tokens);
+    let limits = rate.limits_for(principal);
+    let asked = engine_request.max_tokens.unwrap_or(state.default_max_tokens);
     if let Some(cap) = limits.max_tokens
         && asked > cap
     {
@@ -248,7 +363,7 @@ pub async fn chat_completions(
             ),
         ));
     }
-    if let (Some(cap), Some(n)) = (limits.max_n, req.n)
+    if let (Some(cap), Some(n)) = (limits.max_n, engine_request.n)
         && n > cap
     {
         ctx.set_rejection(Rejection::new("limits", "n_cap"));
@@ -258,7 +373,8 @@ pub async fn chat_completions(
         ));
     }
     let mut token_headers = None;
-    match rate.reserve_tokens(&principal, asked).await {
+    let reserve = asked.saturating_mul(u64::from(engine_request.choices()));
+    match rate.reserve_tokens(principal, reserve).await {
         Ok(Some(r)) => {
             token_headers = Some((r.limit(), r.remaining()));
             ctx.hold_reservation(r);
@@ -266,57 +382,203 @@ pub async fn chat_completions(
         Ok(None) => {}
         Err(refused) => {
             ctx.set_rejection(Rejection::new("rate_limit", refused.reason));
-            return Ok(crate::middleware::refused_response(refused));
+            return Ok(Err(crate::middleware::refused_response(refused)));
         }
     }
-    let chat_request = into_engine_request(&req)?;
     if let Some(audit) = &state.audit {
-        // A keyed hash of the prompt (the messages as a JSON array of
-        // [role, content] pairs): lets an auditor match a known prompt to
-        // its record without the log ever holding prompts.
-        let canonical: Vec<[&str; 2]> = chat_request
-            .messages
-            .iter()
-            .map(|m| [m.role.as_str(), m.content.as_str()])
-            .collect();
+        // A keyed hash of the prompt (chat: the messages as a JSON array of
+        // [role, content] pairs; completion: [["prompt", text]]): lets an
+        // auditor match a known prompt to its record without the log ever
+        // holding prompts.
+        let canonical = prompt_for_audit(&engine_request);
         ctx.set_prompt_hmac(
             audit
                 .keys()
                 .prompt_hmac(&serde_json::to_string(&canonical).unwrap_or_default()),
         );
         if state.capture.is_some() {
-            ctx.set_capture_prompt(
-                canonical
-                    .iter()
-                    .map(|[r, c]| [(*r).to_owned(), (*c).to_owned()])
-                    .collect(),
-            );
+            ctx.set_capture_prompt(canonical);
         }
     }
-    let stream = req.stream == Some(true);
     // The embedded engine validates and queues at once; an upstream pool
     // returns once a replica produced the first piece of the answer (for a
     // stream) or the whole answer, having retried elsewhere before that.
-    let submitted = engine.submit(chat_request, stream).await?;
-    let events = submitted.events;
+    let submitted = engine.submit(engine_request, stream).await?;
     if let Some(prompt_tokens) = submitted.prompt_tokens {
         // Admitted: the prompt will be processed even if the client leaves.
         ctx.set_tokens(prompt_tokens, 0);
     }
-    let id = format!("chatcmpl-{}", ctx.request_id);
-    let created = unix_now();
-    let mut resp = if stream {
-        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        stream_response(state, engine, events, ctx, id, created, include_usage)
-    } else {
-        complete_response(&state, engine, events, ctx, id, created).await?
-    };
-    if let Some((limit, remaining)) = token_headers {
+    Ok(Ok(Admitted {
+        engine,
+        events: submitted.events,
+        token_headers,
+    }))
+}
+
+fn with_token_headers(mut resp: Response, headers: Option<(u64, u64)>) -> Response {
+    if let Some((limit, remaining)) = headers {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit-tokens", limit.into());
         h.insert("x-ratelimit-remaining-tokens", remaining.into());
     }
-    Ok(resp)
+    resp
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    principal: axum::Extension<Principal>,
+    parts: axum::http::request::Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let ctx = context(&parts).ok_or_else(|| ApiError::internal("request context missing"))?;
+    let req: ChatCompletionRequest = parse_body(body, state.max_body_bytes)?;
+    let stream = req.stream == Some(true);
+    let admitted = admit(
+        &state,
+        &principal,
+        &ctx,
+        &req.model,
+        into_engine_request(&req),
+        |r| {
+            r.messages
+                .iter()
+                .map(|m| [m.role.clone(), m.content.clone()])
+                .collect()
+        },
+        stream,
+    )
+    .await?;
+    let a = match admitted {
+        Ok(a) => a,
+        Err(refused) => return Ok(refused),
+    };
+    let shape = Shape {
+        api: Api::Chat,
+        id: format!("chatcmpl-{}", ctx.request_id),
+        created: unix_now(),
+        model: a.engine.name().to_owned(),
+        fingerprint: fingerprint(&a.engine),
+        include_usage: req.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        n: req.n.unwrap_or(1).max(1) as usize,
+    };
+    let resp = if stream {
+        stream_response(state, a.engine, a.events, ctx, shape)
+    } else {
+        complete_response(&state, a.engine, a.events, ctx, shape).await?
+    };
+    Ok(with_token_headers(resp, a.token_headers))
+}
+
+/// `POST /v1/completions`: a plain completion of one prompt (text or token
+/// ids), plain or streamed, with the same checks, limits and audit as chat.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    principal: axum::Extension<Principal>,
+    parts: axum::http::request::Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let ctx = context(&parts).ok_or_else(|| ApiError::internal("request context missing"))?;
+    let req: CompletionRequest = parse_body(body, state.max_body_bytes)?;
+    let stream = req.stream == Some(true);
+    let admitted = admit(
+        &state,
+        &principal,
+        &ctx,
+        &req.model,
+        into_completion_request(&req),
+        |r| match &r.prompt {
+            Some(Prompt::Text(t)) => vec![["prompt".to_owned(), t.clone()]],
+            Some(Prompt::Tokens(ids)) => vec![[
+                "prompt_tokens".to_owned(),
+                serde_json::to_string(ids).unwrap_or_default(),
+            ]],
+            None => Vec::new(),
+        },
+        stream,
+    )
+    .await?;
+    let a = match admitted {
+        Ok(a) => a,
+        Err(refused) => return Ok(refused),
+    };
+    let shape = Shape {
+        api: Api::Completion,
+        id: format!("cmpl-{}", ctx.request_id),
+        created: unix_now(),
+        model: a.engine.name().to_owned(),
+        fingerprint: fingerprint(&a.engine),
+        include_usage: req.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        n: req.n.unwrap_or(1).max(1) as usize,
+    };
+    let resp = if stream {
+        stream_response(state, a.engine, a.events, ctx, shape)
+    } else {
+        complete_response(&state, a.engine, a.events, ctx, shape).await?
+    };
+    Ok(with_token_headers(resp, a.token_headers))
+}
+
+/// The identity of one response and what its JSON looks like.
+struct Shape {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    include_usage: bool,
+    n: usize,
+}
+
+fn bytes_of(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes,
+/// top_logprobs: [{token, logprob, bytes}]}], "refusal": null}`.
+fn chat_logprobs(lp: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = lp
+        .iter()
+        .map(|t| {
+            json!({
+                "token": t.token, "logprob": t.logprob, "bytes": bytes_of(&t.token),
+                "top_logprobs": t.top.iter().map(|a| json!({
+                    "token": a.token, "logprob": a.logprob, "bytes": bytes_of(&a.token),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// The legacy completions `logprobs` object: parallel lists of tokens,
+/// their log-probabilities, `{token: logprob}` maps of the alternatives, and
+/// each token's character offset in the text (from `offset` on).
+fn completion_logprobs(lp: &[TokenLogprob], offset: usize) -> Value {
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(lp.len());
+    for t in lp {
+        offsets.push(at);
+        at += t.token.chars().count();
+    }
+    json!({
+        "tokens": lp.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lp.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lp.iter().map(|t| {
+            t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+/// What one choice gathered (whole answers) or sent (streams).
+#[derive(Default)]
+struct ChoiceText {
+    content: String,
+    reasoning: String,
+    logprobs: Vec<TokenLogprob>,
+    /// Characters of text so far (completions' `text_offset`).
+    chars: usize,
+    finish: Option<FinishReason>,
 }
 
 async fn complete_response(
@@ -324,11 +586,10 @@ async fn complete_response(
     engine: Arc<Backend>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
-    id: String,
-    created: u64,
+    shape: Shape,
 ) -> Result<Response, ApiError> {
-    let mut content = String::new();
-    let mut reasoning = String::new();
+    let mut choices: Vec<ChoiceText> = (0..shape.n).map(|_| ChoiceText::default()).collect();
+    let mut wants_logprobs = false;
     let mut timer = TokenTimer::new(ctx.started());
     loop {
         let next = tokio::select! {
@@ -344,38 +605,80 @@ async fn complete_response(
                 state.metrics.observe_queue_wait(engine.name(), queue_wait)
             }
             Some(Event::Delta {
-                content: c,
-                reasoning: r,
+                index,
+                content,
+                reasoning,
                 tokens,
+                logprobs,
             }) => {
                 timer.tokens(tokens);
                 ctx.set_completion_tokens(tokens);
-                content.push_str(&c);
-                reasoning.push_str(&r);
+                if let Some(c) = choices.get_mut(index as usize) {
+                    c.content.push_str(&content);
+                    c.reasoning.push_str(&reasoning);
+                    wants_logprobs |= !logprobs.is_empty();
+                    c.logprobs.extend(logprobs);
+                }
+            }
+            Some(Event::ChoiceEnd { index, finish_reason }) => {
+                if let Some(c) = choices.get_mut(index as usize) {
+                    c.finish = Some(finish_reason);
+                }
             }
             Some(Event::Done { finish_reason, usage }) => {
                 ctx.mark_generation_done();
                 ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                 timer.finish(&state.metrics, engine.name());
-                // Sealed and on disk before the response (and its record).
-                ctx.write_capture(
-                    engine.name(),
-                    content.clone(),
-                    reasoning.clone(),
-                    finish_reason.as_str(),
-                )
-                .await;
-                let mut message = json!({"role": "assistant", "content": content});
-                if !reasoning.is_empty() {
-                    message["reasoning_content"] = Value::String(reasoning);
+                for c in &mut choices {
+                    c.finish.get_or_insert(finish_reason);
                 }
+                // Sealed and on disk before the response (and its record);
+                // the capture holds choice 0.
+                if let Some(c) = choices.first() {
+                    ctx.write_capture(
+                        engine.name(),
+                        c.content.clone(),
+                        c.reasoning.clone(),
+                        c.finish.unwrap_or(finish_reason).as_str(),
+                    )
+                    .await;
+                }
+                let list: Vec<Value> = choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let finish = c.finish.unwrap_or(finish_reason).as_str();
+                        match shape.api {
+                            Api::Chat => {
+                                let mut message = json!({"role": "assistant", "content": c.content});
+                                if !c.reasoning.is_empty() {
+                                    message["reasoning_content"] = Value::String(c.reasoning);
+                                }
+                                let lp = if wants_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null };
+                                json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                            }
+                            Api::Completion => {
+                                let lp = if wants_logprobs {
+                                    completion_logprobs(&c.logprobs, 0)
+                                } else {
+                                    Value::Null
+                                };
+                                json!({"index": i, "text": c.content, "logprobs": lp, "finish_reason": finish})
+                            }
+                        }
+                    })
+                    .collect();
+                let object = match shape.api {
+                    Api::Chat => "chat.completion",
+                    Api::Completion => "text_completion",
+                };
                 return Ok(Json(json!({
-                    "id": id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": engine.name(),
-                    "system_fingerprint": fingerprint(&engine),
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason.as_str()}],
+                    "id": shape.id,
+                    "object": object,
+                    "created": shape.created,
+                    "model": shape.model,
+                    "system_fingerprint": shape.fingerprint,
+                    "choices": list,
                     "usage": usage_json(usage),
                 }))
                 .into_response());
@@ -397,54 +700,118 @@ fn fingerprint(engine: &Backend) -> String {
     format!("moat-{}", &short[..short.len().min(16)])
 }
 
+impl Shape {
+    /// One chunk with one choice.
+    fn chunk(&self, choice: Value) -> Value {
+        let object = match self.api {
+            Api::Chat => "chat.completion.chunk",
+            Api::Completion => "text_completion",
+        };
+        let mut c = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn role(&self, index: usize) -> Value {
+        self.chunk(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+    }
+
+    fn text(
+        &self,
+        index: usize,
+        content: &str,
+        reasoning: &str,
+        lp: &[TokenLogprob],
+        offset: usize,
+    ) -> Value {
+        match self.api {
+            Api::Chat => {
+                let delta = if reasoning.is_empty() {
+                    json!({"content": content})
+                } else {
+                    json!({"reasoning_content": reasoning})
+                };
+                let lp = if lp.is_empty() {
+                    Value::Null
+                } else {
+                    chat_logprobs(lp)
+                };
+                self.chunk(json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}))
+            }
+            Api::Completion => {
+                let lp = if lp.is_empty() {
+                    Value::Null
+                } else {
+                    completion_logprobs(lp, offset)
+                };
+                self.chunk(json!({"index": index, "text": content, "logprobs": lp, "finish_reason": null}))
+            }
+        }
+    }
+
+    fn finish(&self, index: usize, reason: FinishReason) -> Value {
+        match self.api {
+            Api::Chat => self.chunk(
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}),
+            ),
+            Api::Completion => self.chunk(
+                json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
+            ),
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> Value {
+        let mut last = self.chunk(Value::Null);
+        last["choices"] = json!([]);
+        last["usage"] = usage_json(usage);
+        last
+    }
+}
+
 fn stream_response(
     state: Arc<AppState>,
     engine: Arc<Backend>,
     mut events: mpsc::Receiver<Event>,
     ctx: Arc<RequestContext>,
-    id: String,
-    created: u64,
-    include_usage: bool,
+    shape: Shape,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    let model = engine.name().to_owned();
-    let fp = fingerprint(&engine);
+    let model = shape.model.clone();
     tokio::spawn(async move {
         // The stream holds its engine to the end: `DELETE /models/{name}`
         // waits for every holder before it reports the model drained.
         let _engine = engine;
-        let chunk = |delta: Value, finish: Option<FinishReason>| {
-            let mut c = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": fp,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish.map(FinishReason::as_str)}],
-            });
-            if include_usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        };
         let send = |v: Value| {
             let tx = tx.clone();
             async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
         };
-        // `false` when the client went away; dropping `events` then stops
-        // the worker for this request.
-        // What the client was sent, for the capture (when on).
+        // What each choice was sent: choice 0's text for the capture (when
+        // on), every choice's end and text offset.
         let capturing = state.capture.is_some();
-        let mut sent_content = String::new();
-        let mut sent_reasoning = String::new();
+        let mut choices: Vec<ChoiceText> = (0..shape.n).map(|_| ChoiceText::default()).collect();
         let mut finish = "incomplete";
+        // `false` when the client went away; dropping `events` then stops
+        // the engine's work for this request.
         let delivered = 'stream: {
-            if !send(chunk(json!({"role": "assistant", "content": ""}), None)).await {
-                break 'stream false;
+            if shape.api == Api::Chat {
+                for i in 0..shape.n {
+                    if !send(shape.role(i)).await {
+                        break 'stream false;
+                    }
+                }
             }
             let mut timer = TokenTimer::new(ctx.started());
             loop {
                 let next = tokio::select! {
                     ev = events.recv() => ev,
                     // Past the drain deadline the stream ends with an error
-                    // chunk and `[DONE]`; dropping `events` stops the worker.
+                    // chunk and `[DONE]`; dropping `events` stops the engine.
                     () = state.shutdown.deadline_passed() => {
                         ctx.set_error("shutting_down");
                         let _ = send(ApiError::shutting_down().body()).await;
@@ -458,40 +825,57 @@ fn stream_response(
                         state.metrics.observe_queue_wait(&model, queue_wait)
                     }
                     Event::Delta {
+                        index,
                         content,
                         reasoning,
                         tokens,
+                        logprobs,
                     } => {
                         timer.tokens(tokens);
                         ctx.set_completion_tokens(tokens);
-                        if capturing {
-                            sent_content.push_str(&content);
-                            sent_reasoning.push_str(&reasoning);
+                        let i = index as usize;
+                        let Some(c) = choices.get_mut(i) else { continue };
+                        if capturing && i == 0 {
+                            c.content.push_str(&content);
+                            c.reasoning.push_str(&reasoning);
                         }
-                        let delta = if reasoning.is_empty() {
-                            json!({"content": content})
-                        } else {
-                            json!({"reasoning_content": reasoning})
-                        };
-                        if !send(chunk(delta, None)).await {
+                        let offset = c.chars;
+                        c.chars += content.chars().count();
+                        if !send(shape.text(i, &content, &reasoning, &logprobs, offset)).await {
                             break 'stream false;
+                        }
+                    }
+                    Event::ChoiceEnd { index, finish_reason } => {
+                        let i = index as usize;
+                        if let Some(c) = choices.get_mut(i)
+                            && c.finish.is_none()
+                        {
+                            c.finish = Some(finish_reason);
+                            if !send(shape.finish(i, finish_reason)).await {
+                                break 'stream false;
+                            }
                         }
                     }
                     Event::Done { finish_reason, usage } => {
                         ctx.mark_generation_done();
                         ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
                         timer.finish(&state.metrics, &model);
-                        finish = finish_reason.as_str();
-                        if !send(chunk(json!({}), Some(finish_reason))).await {
-                            break 'stream false;
-                        }
-                        if include_usage {
-                            let mut last = chunk(json!({}), None);
-                            last["choices"] = json!([]);
-                            last["usage"] = usage_json(usage);
-                            if !send(last).await {
-                                break 'stream false;
+                        // Upstreams send no per-choice end: `Done` ends them.
+                        for (i, c) in choices.iter_mut().enumerate() {
+                            if c.finish.is_none() {
+                                c.finish = Some(finish_reason);
+                                if !send(shape.finish(i, finish_reason)).await {
+                                    break 'stream false;
+                                }
                             }
+                        }
+                        finish = choices
+                            .first()
+                            .and_then(|c| c.finish)
+                            .unwrap_or(finish_reason)
+                            .as_str();
+                        if shape.include_usage && !send(shape.usage(usage)).await {
+                            break 'stream false;
                         }
                         break;
                     }
@@ -508,6 +892,11 @@ fn stream_response(
         if !delivered {
             finish = "client_disconnected";
         }
+        let (sent_content, sent_reasoning) = choices
+            .into_iter()
+            .next()
+            .map(|c| (c.content, c.reasoning))
+            .unwrap_or_default();
         ctx.write_capture(&model, sent_content, sent_reasoning, finish)
             .await;
         if !delivered {

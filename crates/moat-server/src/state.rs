@@ -344,6 +344,7 @@ impl RequestContext {
                 (_, "DELETE", "/keys/{id}") => action::KEY_REVOKE,
                 (_, _, "/keys") => "keys.read",
                 (_, _, "/v1/chat/completions") => action::INFERENCE_CHAT,
+                (_, _, "/v1/completions") => "inference.completion",
                 (_, _, "/v1/models" | "/v1/models/{model}") => action::INFERENCE_MODELS,
                 (_, _, "/metrics") => "metrics.read",
                 (_, _, "/health" | "/ready") => "health.read",

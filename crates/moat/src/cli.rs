@@ -147,7 +147,8 @@ enum Command {
         #[command(subcommand)]
         cmd: crate::audit_cmd::AuditCommand,
     },
-    /// Write a random-weight Qwen2 model in Hugging Face layout.
+    /// Write a random-weight Qwen2 model in Hugging Face layout, or as one
+    /// self-contained GGUF file (`--gguf TYPE`).
     DemoModel {
         dir: PathBuf,
         #[arg(long, default_value_t = 0)]
@@ -155,8 +156,13 @@ enum Command {
         #[arg(long, default_value = "tiny", value_parser = ["tiny", "r1-distill-qwen-1.5b"])]
         preset: String,
         /// Weight dtype (default: f32 for tiny, bf16 for the 1.5B preset).
-        #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+        #[arg(long, value_parser = ["f32", "f16", "bf16"], conflicts_with = "gguf")]
         dtype: Option<String>,
+        /// Write `model.gguf` with weight matrices in this encoding (rows
+        /// not a whole number of its blocks fall back to Q8_0), tokenizer and
+        /// chat template in its metadata.
+        #[arg(long, value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"])]
+        gguf: Option<String>,
     },
 }
 
@@ -477,8 +483,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             preset,
             dtype,
+            gguf,
         } => {
+            let gguf = gguf.map(|g| {
+                moat_engine::cpu::quant::QType::ALL
+                    .into_iter()
+                    .find(|t| t.name().eq_ignore_ascii_case(&g))
+                    .ok_or_else(|| anyhow::anyhow!("unknown GGUF type {g}"))
+            });
             let opts = DemoOptions {
+                gguf: gguf.transpose()?,
                 seed,
                 preset: preset.parse::<Preset>().map_err(anyhow::Error::msg)?,
                 dtype: dtype

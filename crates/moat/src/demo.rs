@@ -28,6 +28,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
             seed: args.seed,
             preset: Preset::Tiny,
             dtype: None,
+            gguf: None,
         },
     )?;
     let store = Store::open(&home)?;

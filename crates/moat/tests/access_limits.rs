@@ -845,7 +845,14 @@ fn request_refusals_at_every_stage_are_counted_and_audited_with_their_reason() {
 /// POSTs a chat completion on its own thread; joins to (status, body).
 fn chat_in_background(base: &str, key: &str, max_tokens: u64) -> std::thread::JoinHandle<(u16, Value)> {
     let (base, key) = (base.to_owned(), key.to_owned());
-    std::thread::spawn(move || chat(&base, &key, "m", json!({"max_tokens": max_tokens})))
+    std::thread::spawn(move || {
+        chat(
+            &base,
+            &key,
+            "m",
+            json!({"max_tokens": max_tokens, "ignore_eos": true}),
+        )
+    })
 }
 
 #[test]
@@ -857,16 +864,16 @@ fn overload_and_request_timeout_are_counted_and_audited() {
     pull_ok(&src, "m", &store);
     let (_, admin) = create_key(&store, "admin", None);
     let (_, user) = create_key(&store, "user", None);
-    // One request generating, one waiting: a third finds the queue full.
-    // 1000 tokens of the demo model take about 2 s on this machine.
+    // One request generating (a batch of one), one waiting: a third finds
+    // the queue full. 3000 tokens of the demo model take over a second.
     let config = format!(
-        "home = \"{}\"\n[[models]]\nname = \"m\"\n[engine]\nqueue_capacity = 1\nmax_context = 4096\n",
+        "home = \"{}\"\n[[models]]\nname = \"m\"\n[engine]\nqueue_capacity = 1\nmax_batch = 1\nmax_context = 4096\n",
         store.display()
     );
     let server = Server::start(t.path(), &config);
-    let a = chat_in_background(&server.base, &user, 1000);
+    let a = chat_in_background(&server.base, &user, 3000);
     std::thread::sleep(Duration::from_millis(150));
-    let b = chat_in_background(&server.base, &user, 1000);
+    let b = chat_in_background(&server.base, &user, 3000);
     std::thread::sleep(Duration::from_millis(150));
     let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 5}));
     assert_eq!(status, 503, "{body}");
@@ -887,7 +894,12 @@ fn overload_and_request_timeout_are_counted_and_audited() {
         store.display()
     );
     let server = Server::start(t.path(), &config);
-    let (status, body) = chat(&server.base, &user, "m", json!({"max_tokens": 1000}));
+    let (status, body) = chat(
+        &server.base,
+        &user,
+        "m",
+        json!({"max_tokens": 3000, "ignore_eos": true}),
+    );
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["error"]["code"], "request_timeout");
     expect_rejection(&server, &admin, "limits", "request_timeout", 1);

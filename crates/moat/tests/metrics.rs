@@ -51,7 +51,7 @@ fn healthy_server_metrics_after_traffic() {
     assert_eq!(post(&chat_url, None, &body).0, 401);
     assert_eq!(post(&chat_url, Some("moat_nope_nope"), &body).0, 401);
     assert_eq!(chat(&server.base, &scoped, "m", json!({})).0, 403);
-    assert_eq!(chat(&server.base, &admin, "m", json!({"n": 2})).0, 400);
+    assert_eq!(chat(&server.base, &admin, "m", json!({"n": 99})).0, 400);
     assert_eq!(chat(&server.base, &admin, "nope", json!({})).0, 404);
     let huge = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(2 << 20)}]});
     assert_eq!(post(&chat_url, Some(&admin), &huge).0, 413);

@@ -140,13 +140,94 @@ pub struct Layer {
     pub down: QMatrix,
 }
 
+/// Matrices applied to the same input: fused into one matrix when their
+/// encodings match (one activation quantisation and one parallel dispatch
+/// instead of three), else applied apart. Q4_K_M files mix types (V and
+/// down are Q6_K there), hence both.
+enum Proj {
+    Fused { m: QMatrix, rows: Vec<usize> },
+    Apart(Vec<QMatrix>),
+}
+
+impl Proj {
+    fn new(parts: Vec<QMatrix>) -> Result<Self, String> {
+        let same = parts.windows(2).all(|w| w[0].qtype() == w[1].qtype());
+        if !same {
+            return Ok(Proj::Apart(parts));
+        }
+        let rows = parts.iter().map(QMatrix::rows).collect();
+        let m = QMatrix::concat_rows(parts).map_err(|e| format!("fusing projections: {e}"))?;
+        Ok(Proj::Fused { m, rows })
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            Proj::Fused { m, .. } => m.size_bytes(),
+            Proj::Apart(v) => v.iter().map(QMatrix::size_bytes).sum(),
+        }
+    }
+
+    /// `outs[i]` (n × rows of part i) = part i applied to `x` (n rows).
+    fn run(&self, x: &[f32], n: usize, outs: &mut [&mut Vec<f32>]) -> Result<(), EngineError> {
+        match self {
+            Proj::Apart(parts) => {
+                for (m, out) in parts.iter().zip(outs.iter_mut()) {
+                    mm(m, x, n, out)?;
+                }
+            }
+            Proj::Fused { m, rows } => {
+                let total = m.rows();
+                let mut tmp = vec![0f32; n * total];
+                mm(m, x, n, &mut tmp)?;
+                let mut off = 0;
+                for (&r, out) in rows.iter().zip(outs.iter_mut()) {
+                    for (t, dst) in out.chunks_exact_mut(r).enumerate().take(n) {
+                        dst.copy_from_slice(&tmp[t * total + off..t * total + off + r]);
+                    }
+                    off += r;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A layer as the forward pass holds it.
+struct Block {
+    attn_norm: Vec<f32>,
+    qkv: Proj,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+    o: QMatrix,
+    ffn_norm: Vec<f32>,
+    gate_up: Proj,
+    down: QMatrix,
+}
+
+impl Block {
+    fn new(l: Layer) -> Result<Self, String> {
+        Ok(Block {
+            attn_norm: l.attn_norm,
+            qkv: Proj::new(vec![l.q, l.k, l.v])?,
+            q_bias: l.q_bias,
+            k_bias: l.k_bias,
+            v_bias: l.v_bias,
+            o: l.o,
+            ffn_norm: l.ffn_norm,
+            gate_up: Proj::new(vec![l.gate, l.up])?,
+            down: l.down,
+        })
+    }
+}
+
 pub struct Model {
     pub cfg: Config,
-    pub embed: QMatrix,
-    pub layers: Vec<Layer>,
-    pub norm: Vec<f32>,
+    embed: QMatrix,
+    layers: Vec<Block>,
+    norm: Vec<f32>,
     /// `None`: the head is the embedding (tied).
-    pub head: Option<QMatrix>,
+    head: Option<QMatrix>,
     inv_freq: Vec<f32>,
 }
 
@@ -210,6 +291,10 @@ impl Model {
             }
         }
         let inv_freq = cfg.inv_freq();
+        let layers = layers
+            .into_iter()
+            .map(Block::new)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             cfg,
             embed,
@@ -265,9 +350,7 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, cfg.rms_eps, &mut xn);
-            mm(&layer.q, &xn, n, &mut q)?;
-            mm(&layer.k, &xn, n, &mut k)?;
-            mm(&layer.v, &xn, n, &mut v)?;
+            layer.qkv.run(&xn, n, &mut [&mut q, &mut k, &mut v])?;
             for (buf, bias) in [
                 (&mut q, &layer.q_bias),
                 (&mut k, &layer.k_bias),
@@ -331,8 +414,7 @@ impl Model {
             add_into(&mut x, &proj);
 
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut xn);
-            mm(&layer.gate, &xn, n, &mut gate)?;
-            mm(&layer.up, &xn, n, &mut up)?;
+            layer.gate_up.run(&xn, n, &mut [&mut gate, &mut up])?;
             gate.par_iter_mut().zip(up.par_iter()).for_each(|(g, u)| {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             });
@@ -423,10 +505,10 @@ impl BatchModel for Model {
             .layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|m| m.size_bytes())
-                    .sum::<usize>()
+                l.qkv.size_bytes()
+                    + l.gate_up.size_bytes()
+                    + l.o.size_bytes()
+                    + l.down.size_bytes()
                     + 4 * (l.attn_norm.len() + l.ffn_norm.len())
             })
             .sum();

@@ -374,3 +374,102 @@ fn sliding_window_limits_attention_only_from_its_first_layer() {
     let windowed = step(&model(&d2), &mut model(&d2).new_cache(16), &tokens);
     assert!(windowed.iter().zip(&full).any(|(a, b)| (a - b).abs() > 1e-3));
 }
+
+#[test]
+fn mixed_encodings_in_one_projection_are_applied_apart() {
+    // Q4_K_M files store V (and some down projections) as Q6_K beside Q4_K
+    // Q and K: the fused path must not be taken, and the result still holds.
+    let d = dense(config(Arch::Qwen2, RopeStyle::Halves), 19);
+    let c = &d.cfg;
+    let (h, q, kv, i) = (c.hidden, c.q_dim(), c.kv_dim(), c.intermediate);
+    let layers = d
+        .layers
+        .iter()
+        .map(|l| Layer {
+            attn_norm: l.attn_norm.clone(),
+            q: qm(q, h, &l.q),
+            k: qm(kv, h, &l.k),
+            v: QMatrix::from_f32(QType::F16, kv, h, &l.v).unwrap(),
+            q_bias: Some(l.bq.clone()),
+            k_bias: Some(l.bk.clone()),
+            v_bias: Some(l.bv.clone()),
+            o: qm(h, q, &l.o),
+            ffn_norm: l.ffn_norm.clone(),
+            gate: qm(i, h, &l.gate),
+            up: QMatrix::from_f32(QType::F16, i, h, &l.up).unwrap(),
+            down: qm(h, i, &l.down),
+        })
+        .collect();
+    let m = Model::new(
+        c.clone(),
+        qm(c.vocab, h, &d.embed),
+        layers,
+        d.norm.clone(),
+        Some(qm(c.vocab, h, &d.head)),
+    )
+    .unwrap();
+    let tokens = [4u32, 8, 15, 16, 23, 42];
+    close(
+        &step(&m, &mut m.new_cache(8), &tokens),
+        &reference(&d, &tokens),
+        2e-2,
+    );
+}
+
+/// The GGUF demo (weights, vocabulary and template in one file) is the
+/// safetensors demo of the same seed: same logits at F32, close at Q8_0,
+/// and its vocabulary tokenizes like the demo's tokenizer.json.
+#[test]
+fn gguf_demo_matches_the_safetensors_demo() {
+    use super::load::{WeightOptions, from_gguf, from_safetensors};
+    use crate::demo::{DemoOptions, write_demo_model};
+    let t = tempfile::tempdir().unwrap();
+    let opts = WeightOptions {
+        max_context: 64,
+        quantize: None,
+    };
+    write_demo_model(&t.path().join("st"), &DemoOptions::default()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("st/config.json")).unwrap()).unwrap();
+    let st = std::fs::read(t.path().join("st/model.safetensors")).unwrap();
+    let reference = from_safetensors(&config, &[("model.safetensors".into(), st)], opts).unwrap();
+    let tokens = [10u32, 200, 3000, 7];
+    let want = step(&reference, &mut reference.new_cache(8), &tokens);
+    // In-situ quantisation of the same float weights: a quarter of the
+    // bytes, logits close.
+    let st = std::fs::read(t.path().join("st/model.safetensors")).unwrap();
+    let q8 = from_safetensors(
+        &config,
+        &[("model.safetensors".into(), st)],
+        WeightOptions {
+            quantize: Some(QType::Q8_0),
+            ..opts
+        },
+    )
+    .unwrap();
+    assert!(q8.weight_bytes() * 3 < reference.weight_bytes());
+    close(&step(&q8, &mut q8.new_cache(8), &tokens), &want, 0.1);
+    for (q, tol) in [(QType::F32, 1e-5), (QType::Q8_0, 0.1)] {
+        let dir = t.path().join(q.name());
+        let d = DemoOptions {
+            gguf: Some(q),
+            ..DemoOptions::default()
+        };
+        write_demo_model(&dir, &d).unwrap();
+        let bytes = std::fs::read(dir.join("model.gguf")).unwrap();
+        let (m, g) = from_gguf(&bytes, opts).unwrap();
+        close(&step(&m, &mut m.new_cache(8), &tokens), &want, tol);
+        let from_vocab = super::vocab::tokenizer(&g).unwrap();
+        let from_json = tokenizers::Tokenizer::from_file(t.path().join("st/tokenizer.json")).unwrap();
+        for text in [
+            "Why is the sky blue?",
+            "<｜User｜>12345 héllo\n\n<think>a</think>",
+        ] {
+            assert_eq!(
+                from_vocab.encode(text, false).unwrap().get_ids(),
+                from_json.encode(text, false).unwrap().get_ids(),
+                "{text:?}"
+            );
+        }
+    }
+}

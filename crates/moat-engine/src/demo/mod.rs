@@ -10,6 +10,7 @@
 //! under a temporary name and renamed when complete, so a crash never leaves a
 //! truncated file under its final name. Same seed → byte-identical files.
 
+mod gguf;
 mod rng;
 mod spec;
 mod template;
@@ -148,6 +149,10 @@ pub struct DemoOptions {
     pub preset: Preset,
     /// `None`: the preset's default (tiny: f32, 1.5B: bf16).
     pub dtype: Option<WeightDtype>,
+    /// Write one self-contained `model.gguf` (weights in this encoding,
+    /// tokenizer and chat template in its metadata) instead of the Hugging
+    /// Face files.
+    pub gguf: Option<crate::cpu::quant::QType>,
 }
 
 /// What was written.
@@ -201,6 +206,18 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary, D
             .ok_or_else(|| DemoError::Tokenizer(format!("no id for special token {content}")))
     };
     let (bos, eos) = (special(tokenizer::BOS)?, special(tokenizer::EOS)?);
+
+    if let Some(qtype) = opts.gguf {
+        let specs = spec::tensor_specs(&arch);
+        let tokenizer_json = tokenizer::tokenizer_json(arch.vocab)?;
+        let file = write_file(dir, "model.gguf", |w| {
+            gguf::write_gguf(w, &arch, &specs, &tokenizer_json, qtype, opts.seed)
+        })?;
+        return Ok(DemoSummary {
+            files: vec![file],
+            parameters: specs.iter().map(spec::TensorSpec::elements).sum(),
+        });
+    }
 
     let mut files = Vec::new();
     for (name, value) in [

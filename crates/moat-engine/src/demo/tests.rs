@@ -20,6 +20,7 @@ fn write_tiny(dir: &Path, seed: u64, dtype: Option<WeightDtype>) -> DemoSummary 
             seed,
             preset: Preset::Tiny,
             dtype,
+            gguf: None,
         },
     )
     .expect("tiny demo model is written")

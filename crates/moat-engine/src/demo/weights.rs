@@ -182,6 +182,22 @@ pub(crate) fn write_safetensors_with<W: Write>(
     })
 }
 
+/// Every value of one tensor as f32: the same chunks and generator streams
+/// as the safetensors writer, so a GGUF demo holds the same weights.
+pub(crate) fn tensor_values(spec: &TensorSpec, seed: u64) -> Vec<f32> {
+    let total = spec.elements() as usize;
+    let mut out = Vec::with_capacity(total);
+    for index in 0..total.div_ceil(CHUNK_ELEMENTS) {
+        let n = (total - index * CHUNK_ELEMENTS).min(CHUNK_ELEMENTS);
+        let mut rng = Xoshiro256::for_chunk(seed, &spec.name, index as u64);
+        match spec.init {
+            Init::Normal(std) => out.extend((0..n).map(|_| rng.normalish() * std)),
+            Init::Ones => out.extend(std::iter::repeat_n(1.0, n)),
+        }
+    }
+    out
+}
+
 /// Replaces `buf` with `n` little-endian values. One loop per (init, dtype)
 /// pair keeps the inner loops free of branches.
 fn fill(buf: &mut Vec<u8>, rng: &mut Xoshiro256, init: Init, dtype: WeightDtype, n: usize) {

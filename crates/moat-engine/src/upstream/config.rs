@@ -8,6 +8,7 @@
 use hyper::Uri;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -54,29 +55,27 @@ impl fmt::Debug for ApiKey {
 /// path prefix without a trailing slash (`/v1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
+    /// `https`: the connection is TLS, verified against [`UpstreamConfig::tls`].
+    pub(crate) tls: bool,
     pub(crate) authority: String,
     pub(crate) path: String,
 }
 
 impl BaseUrl {
-    /// Accept `http://host[:port][/path]` only: no credentials, query or
-    /// fragment (they would leak into logs and metric labels), no other
-    /// scheme (TLS to upstreams is not built; see docs/config.md).
+    /// Accept `http(s)://host[:port][/path]` only: no credentials, query
+    /// or fragment (they would leak into logs and metric labels), no other
+    /// scheme.
     pub fn parse(text: &str) -> Result<Self, String> {
         let uri: Uri = text.parse().map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "{text:?}: https upstreams are not supported yet; use http on a private network"
-                ));
-            }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => {
                 return Err(format!(
-                    "{text:?}: use an http:// URL like http://127.0.0.1:8000/v1"
+                    "{text:?}: use an http:// or https:// URL like http://127.0.0.1:8000/v1"
                 ));
             }
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("{text:?} has no host"))?
@@ -91,12 +90,20 @@ impl BaseUrl {
             return Err(format!("{text:?}: a query or fragment is not allowed"));
         }
         let path = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self { authority, path })
+        Ok(Self { tls, authority, path })
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// The absolute URL of `path` on this upstream (`path` starts with `/`).
     pub(crate) fn join(&self, path: &str) -> Result<Uri, String> {
-        format!("http://{}{path}", self.authority)
+        format!("{}://{}{path}", self.scheme(), self.authority)
             .parse()
             .map_err(|e| format!("bad upstream path {path:?}: {e}"))
     }
@@ -104,7 +111,7 @@ impl BaseUrl {
 
 impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
+        write!(f, "{}://{}{}", self.scheme(), self.authority, self.path)
     }
 }
 
@@ -124,6 +131,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// Longest silence between two pieces of a streamed body.
     pub read_timeout: Duration,
+    /// TLS settings of an `https` upstream (`None`: Mozilla's roots, no
+    /// client certificate).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl UpstreamConfig {
@@ -138,6 +148,7 @@ impl UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(300),
             read_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -181,4 +192,54 @@ impl PoolConfig {
             max_attempts: 3,
         }
     }
+}
+
+/// The TLS client settings of an https upstream: trust only `ca_file`'s
+/// certificates when given (a private CA: the usual case for an inference
+/// cluster), else Mozilla's roots; present `client_cert` when the upstream
+/// wants mutual TLS. TLS 1.2 and 1.3, rustls defaults otherwise.
+pub fn tls_client_config(
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no PEM certificate in it", path.display()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{}: certificate refused: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            if chain.is_empty() {
+                return Err(format!("{}: no PEM certificate in it", cert.display()));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
+    Ok(Arc::new(config))
 }

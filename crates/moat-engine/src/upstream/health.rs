@@ -46,7 +46,7 @@ async fn check(pool: &UpstreamPool, r: &Arc<Replica>) -> bool {
     }
     let timeout: Duration = pool.config.health_timeout;
     let probe = async {
-        let resp = pool.client.request(req).await.ok()?;
+        let resp = r.client.request(req).await.ok()?;
         let ok = resp.status().is_success();
         // Read the (small) body so the connection goes back to the pool.
         let _ = resp.into_body().collect().await;

@@ -24,7 +24,7 @@ mod health;
 mod replica;
 mod wire;
 
-pub use config::{ApiKey, BaseUrl, PoolConfig, UpstreamConfig};
+pub use config::{ApiKey, BaseUrl, PoolConfig, UpstreamConfig, tls_client_config};
 
 use crate::error::EngineError;
 use crate::generate::Event;
@@ -35,14 +35,13 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use replica::Replica;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// How one attempt on one replica ended; fixed strings for metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,7 +102,6 @@ pub struct ReplicaStatus {
 pub struct UpstreamPool {
     name: String,
     replicas: Vec<Arc<Replica>>,
-    client: HttpClient,
     config: PoolConfig,
     rng: AtomicU64,
     observer: OnceLock<Arc<dyn PoolObserver>>,
@@ -177,28 +175,11 @@ impl UpstreamPool {
             .map(|u| Replica::new(u.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(load)?;
-        // One connect timeout for the shared connector: the shortest
-        // configured, so no replica waits longer than it asked for.
-        let connect = config
-            .upstreams
-            .iter()
-            .map(|u| u.connect_timeout)
-            .min()
-            .unwrap_or(Duration::from_secs(2));
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect));
-        http.set_nodelay(true);
-        http.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(http);
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| load(format!("no OS randomness: {e}")))?;
         Ok(Self {
             name: config.name.clone(),
             replicas,
-            client,
             rng: AtomicU64::new(u64::from_le_bytes(seed) | 1),
             config,
             observer: OnceLock::new(),
@@ -325,6 +306,38 @@ impl UpstreamPool {
             }
         }
         crate::generate::check_sampling(req)?;
+        // The relay speaks chat with one choice and no log-probabilities;
+        // refused rather than silently answered differently.
+        if req.is_completion() {
+            return Err(EngineError::invalid(
+                Some("prompt"),
+                "completions are not supported for a model served by upstreams; use chat completions",
+            ));
+        }
+        if req.choices() != 1 || req.n == Some(0) {
+            return Err(EngineError::invalid(
+                Some("n"),
+                "only n = 1 is supported for a model served by upstreams",
+            ));
+        }
+        if req.logprobs.is_some() {
+            return Err(EngineError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported for a model served by upstreams",
+            ));
+        }
+        if req.ignore_eos {
+            return Err(EngineError::invalid(
+                Some("ignore_eos"),
+                "ignore_eos is not supported for a model served by upstreams",
+            ));
+        }
+        if req.include_reasoning == Some(false) {
+            return Err(EngineError::invalid(
+                Some("include_reasoning"),
+                "include_reasoning is not supported for a model served by upstreams",
+            ));
+        }
         if req.max_tokens == Some(0) {
             return Err(EngineError::invalid(
                 Some("max_tokens"),
@@ -451,7 +464,7 @@ impl UpstreamPool {
             req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
         }
         let timeout = r.config.response_timeout;
-        let resp = match tokio::time::timeout_at((started + timeout).into(), self.client.request(req)).await {
+        let resp = match tokio::time::timeout_at((started + timeout).into(), r.client.request(req)).await {
             Err(_) => {
                 return Err(Failure::new(
                     Outcome::Timeout,

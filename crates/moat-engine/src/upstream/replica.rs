@@ -56,6 +56,9 @@ pub(crate) struct Replica {
     pub(crate) chat_uri: hyper::Uri,
     pub(crate) health_uri: hyper::Uri,
     pub(crate) auth: Option<hyper::header::HeaderValue>,
+    /// This replica's own client: its connect timeout and, for https, its
+    /// own trust roots and client certificate.
+    pub(crate) client: super::HttpClient,
     /// Requests sent and not yet finished (a stream counts until its end).
     pub(crate) pending: AtomicUsize,
     pub(crate) live: Mutex<Live>,
@@ -74,7 +77,9 @@ impl Replica {
                     .ok_or_else(|| format!("{}: the API key is not a valid header value", config.url))?,
             ),
         };
+        let client = client(&config)?;
         Ok(Self {
+            client,
             label: config.url.to_string(),
             config,
             chat_uri,
@@ -211,6 +216,32 @@ pub(crate) fn peak_ewma(ewma: f64, elapsed: Duration, rtt: f64) -> f64 {
         let w = weight(elapsed);
         ewma * w + rtt * (1.0 - w)
     }
+}
+
+/// A keep-alive client for one replica. Every URI it is given is built from
+/// the configured base URL, so the configured scheme is the one spoken; an
+/// https replica's connector additionally refuses plain http outright.
+fn client(config: &UpstreamConfig) -> Result<super::HttpClient, String> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let tls = match &config.tls {
+        Some(t) => (**t).clone(),
+        None => (*super::config::tls_client_config(None, None)?).clone(),
+    };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+    let connector = if config.url.is_tls() {
+        builder.https_only().enable_http1().wrap_connector(http)
+    } else {
+        builder.https_or_http().enable_http1().wrap_connector(http)
+    };
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector),
+    )
 }
 
 #[cfg(test)]

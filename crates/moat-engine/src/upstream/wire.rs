@@ -40,6 +40,18 @@ struct Outgoing<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    // Not OpenAI's own, but vLLM, llama.cpp, TGI and Ollama's
+    // OpenAI-compatible servers take them; sent only when the client did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repetition_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
     stream: bool,
@@ -64,6 +76,11 @@ pub(crate) fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Resu
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        repetition_penalty: req.repetition_penalty,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
         stop: &req.stop,
         stream,
         stream_options: stream.then_some(StreamOptions { include_usage: true }),
@@ -179,6 +196,8 @@ impl StreamState {
             if !reasoning.is_empty() {
                 self.pieces += 1;
                 out.push(Event::Delta {
+                    index: 0,
+                    logprobs: Vec::new(),
                     content: String::new(),
                     reasoning,
                     tokens: self.pieces,
@@ -188,6 +207,8 @@ impl StreamState {
             if !content.is_empty() {
                 self.pieces += 1;
                 out.push(Event::Delta {
+                    index: 0,
+                    logprobs: Vec::new(),
                     content,
                     reasoning: String::new(),
                     tokens: self.pieces,
@@ -302,6 +323,8 @@ pub(crate) fn completion_events(body: &[u8]) -> Result<Vec<Event>, String> {
     let mut out = Vec::with_capacity(3);
     if !reasoning.is_empty() {
         out.push(Event::Delta {
+            index: 0,
+            logprobs: Vec::new(),
             content: String::new(),
             reasoning,
             tokens: usage.completion_tokens,
@@ -309,6 +332,8 @@ pub(crate) fn completion_events(body: &[u8]) -> Result<Vec<Event>, String> {
     }
     if !content.is_empty() {
         out.push(Event::Delta {
+            index: 0,
+            logprobs: Vec::new(),
             content,
             reasoning: String::new(),
             tokens: usage.completion_tokens,

@@ -23,6 +23,13 @@ pub struct RawUpstream {
     pub connect_timeout: Option<RawDuration>,
     pub response_timeout: Option<RawDuration>,
     pub read_timeout: Option<RawDuration>,
+    /// PEM CA bundle an https upstream's certificate must chain to
+    /// (default: Mozilla's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate chain and key to present to an https upstream that
+    /// asks for mutual TLS; both or neither.
+    pub tls_client_cert_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 /// `[models.pool]`: how the replicas are checked, cooled down and retried.
@@ -88,6 +95,39 @@ fn upstream(prefix: &str, name: &str, raw: RawUpstream) -> Result<UpstreamConfig
         u.read_timeout,
         (MS, HOUR),
     )?;
+    let tls_keys = [
+        ("tls_ca_file", raw.tls_ca_file.is_some()),
+        ("tls_client_cert_file", raw.tls_client_cert_file.is_some()),
+        ("tls_client_key_file", raw.tls_client_key_file.is_some()),
+    ];
+    if !u.url.is_tls() {
+        if let Some((key, _)) = tls_keys.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("{prefix}.{key}"),
+                "applies to https:// upstreams only; this url is http://",
+            ));
+        }
+        return Ok(u);
+    }
+    let client = match (&raw.tls_client_cert_file, &raw.tls_client_key_file) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                format!("{prefix}.tls_client_cert_file"),
+                "tls_client_cert_file and tls_client_key_file go together",
+            ));
+        }
+    };
+    let key = if client.is_some() {
+        "tls_client_cert_file"
+    } else {
+        "tls_ca_file"
+    };
+    u.tls = Some(
+        moat_engine::upstream::tls_client_config(raw.tls_ca_file.as_deref(), client)
+            .map_err(|e| invalid(format!("{prefix}.{key}"), e))?,
+    );
     Ok(u)
 }
 

@@ -13,8 +13,6 @@ use super::QType;
 use super::blocks::{self, QK, QK_K};
 use super::matrix::{Data, QMatrix};
 
-const SIMD_BUILT: bool = false;
-
 /// Which kernels run. `detect` picks the best this CPU has, once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Level {
@@ -45,9 +43,6 @@ impl Level {
     pub fn available(self) -> bool {
         match self {
             Level::Scalar => true,
-            // The SIMD kernels land in the next commit; until then no CPU
-            // "has" them.
-            _ if !SIMD_BUILT => false,
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => {
                 is_x86_feature_detected!("avx2")
@@ -142,8 +137,12 @@ impl Act {
 
 /// Fill `out` (`[row][token]`, rows `r0..`) with the products of those
 /// weight rows and every token.
-pub(crate) fn rows(_level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f32]) {
-    scalar_rows(w, act, r0, out)
+pub(crate) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd::rows(level, w, act, r0, out),
+        _ => scalar_rows(w, act, r0, out),
+    }
 }
 
 pub(crate) fn scalar_rows(w: &QMatrix, act: &Act, r0: usize, out: &mut [f32]) {
@@ -271,10 +270,18 @@ pub(crate) fn q6k_block_dot(blk: &[u8], xq: &[i8]) -> i32 {
     isum
 }
 
-pub(crate) fn dot_f32(_level: Level, a: &[f32], b: &[f32]) -> f32 {
-    dot_plain(a, b)
+pub(crate) fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd::dot_f32(a, b),
+        _ => dot_plain(a, b),
+    }
 }
 
-pub(crate) fn axpy_f32(_level: Level, a: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x)
+pub(crate) fn axpy_f32(level: Level, a: f32, x: &[f32], y: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd::axpy_f32(a, x, y),
+        _ => y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x),
+    }
 }

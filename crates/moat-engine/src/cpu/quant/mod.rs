@@ -15,6 +15,8 @@
 pub(crate) mod blocks;
 pub(crate) mod kernels;
 mod matrix;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,727 @@
+//! x86_64 SIMD kernels (AVX2+FMA+F16C, and AVX-512 VL + VNNI), chosen at run
+//! time by [`Level`]. The one module of the workspace allowed `unsafe`: raw
+//! loads from slices whose bounds [`rows`] checks once up front, and calls of
+//! `#[target_feature]` functions after [`Level::available`] said yes.
+//!
+//! Shape: a task gets a band of weight rows and every token. It walks token
+//! panels (a panel's activations stay in L2), and inside one, tiles of R rows
+//! x C tokens: each weight block loaded is used for C tokens and each
+//! activation block for R rows (llamafile's tinyBLAS idea). Accumulators are
+//! 8-lane f32 vectors; each block's integer dot is exact and scaled once.
+//!
+//! Quantised dots are unsigned x signed (`vpdpbusd` / `vpmaddubsw`): weights
+//! are stored unsigned (Q8_0 as q+128, Q4_0 nibbles as q+8), and the
+//! accumulator starts at `-offset * sum(x)` per lane (`Act::corr`), so the
+//! result is the signed dot with no per-block sign fix-up.
+#![allow(unsafe_code)]
+#![allow(
+    clippy::needless_range_loop,
+    reason = "tile loops index several register arrays by one row/token index"
+)]
+
+use std::arch::x86_64::*;
+
+use super::QType;
+use super::kernels::{self, Act, Level};
+use super::matrix::{Data, QMatrix};
+
+const QK: usize = 32;
+const QK_K: usize = 256;
+
+/// Products of weight rows `r0..` (as many as `out` holds) with every token,
+/// into `out` laid `[row][token]`.
+pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f32]) {
+    let (n, cols) = (act.n, act.cols);
+    let nr = out.len() / n.max(1);
+    // Everything the unsafe loads below rely on, checked once; a failure is
+    // a bug in the caller, answered by the (bounds-checked) scalar path.
+    let rows_end = r0 + nr;
+    let ok = n > 0
+        && out.len() == nr * n
+        && rows_end <= w.rows()
+        && cols == w.cols()
+        && match &w.data {
+            Data::F32(v) => v.len() >= rows_end * cols && act.f.len() >= n * cols,
+            Data::F16(v) | Data::Bf16(v) => v.len() >= rows_end * cols && act.f.len() >= n * cols,
+            Data::Q8_0 { qs, d } => {
+                cols % QK == 0
+                    && qs.len() >= rows_end * cols
+                    && d.len() >= rows_end * cols / QK
+                    && q8_act_ok(act)
+            }
+            Data::Q4_0 { qs, d, stride } => {
+                cols % QK == 0
+                    && *stride >= (cols / QK).div_ceil(2) * 32
+                    && qs.len() >= rows_end * stride
+                    && d.len() >= rows_end * cols / QK
+                    && q8_act_ok(act)
+            }
+            Data::Raw(v) => {
+                let nb = cols / QK_K;
+                cols % QK_K == 0
+                    && matches!(w.qtype(), QType::Q4K | QType::Q6K)
+                    && v.len() >= rows_end * nb * w.qtype().block_bytes()
+                    && act.qs.len() >= n * cols
+                    && act.d.len() >= n * nb
+                    && act.bsums.len() >= n * nb * 16
+            }
+        };
+    if !ok {
+        return kernels::scalar_rows(w, act, r0, out);
+    }
+    let vnni = level == Level::Avx512;
+    // Token panel: activations of a panel should sit in L2 (~256 KiB).
+    let act_bytes = if matches!(w.qtype(), QType::Q8_0 | QType::Q4_0) {
+        cols
+    } else {
+        4 * cols
+    };
+    let panel = (262_144 / act_bytes.max(1)).clamp(4, 256) / 4 * 4;
+    let max_c = if vnni && !matches!(w.data, Data::Raw(_)) {
+        4
+    } else {
+        2
+    };
+    for p0 in (0..n).step_by(panel) {
+        let p1 = (p0 + panel).min(n);
+        let mut rt = 0;
+        while rt < nr {
+            let rr = if nr - rt >= 4 { 4 } else { 1 };
+            let mut ct = p0;
+            while ct < p1 {
+                let cc = if p1 - ct >= 4 && max_c >= 4 {
+                    4
+                } else if p1 - ct >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let t = Tile {
+                    r: r0 + rt,
+                    c: ct,
+                    cols,
+                    n,
+                };
+                // SAFETY: `available()` confirmed this level's CPU features
+                // before matmul_at dispatched here (only Avx2/Avx512 reach
+                // this module), and the bounds the tile functions read within
+                // (rows r..r+rr <= w.rows(), tokens c..c+cc <= n, slices at
+                // least rows*cols / n*cols long) were checked above.
+                unsafe {
+                    match &w.data {
+                        Data::Q8_0 { qs, d } => {
+                            let q = QSrc {
+                                w: qs,
+                                wd: d,
+                                stride: cols,
+                                act,
+                            };
+                            tile_q(vnni, false, rr, cc, &q, &t, out, rt);
+                        }
+                        Data::Q4_0 { qs, d, stride } => {
+                            let q = QSrc {
+                                w: qs,
+                                wd: d,
+                                stride: *stride,
+                                act,
+                            };
+                            tile_q(vnni, true, rr, cc, &q, &t, out, rt);
+                        }
+                        Data::F32(v) => tile_f(Fw::F32(v), rr, cc, &act.f, &t, out, rt),
+                        Data::F16(v) => tile_f(Fw::F16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Bf16(v) => tile_f(Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Raw(v) => tile_k(w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
+                    }
+                }
+                ct += cc;
+            }
+            rt += rr;
+        }
+    }
+}
+
+fn q8_act_ok(act: &Act) -> bool {
+    let blocks = act.n * act.cols / QK;
+    act.qs.len() >= act.n * act.cols && act.d.len() >= blocks && act.corr.len() >= blocks * 8
+}
+
+/// Where a tile sits: first weight row `r`, first token `c`.
+struct Tile {
+    r: usize,
+    c: usize,
+    cols: usize,
+    n: usize,
+}
+
+struct QSrc<'a> {
+    w: &'a [u8],
+    wd: &'a [f32],
+    /// Bytes per weight row.
+    stride: usize,
+    act: &'a Act,
+}
+
+enum Fw<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
+}
+
+/// Write a finished R x C tile into `out` ([row][token], row `rt` first).
+fn store<const R: usize, const C: usize>(res: [[f32; C]; R], out: &mut [f32], rt: usize, t: &Tile) {
+    for (i, row) in res.iter().enumerate() {
+        let o = &mut out[(rt + i) * t.n + t.c..][..C];
+        o.copy_from_slice(row);
+    }
+}
+
+/// # Safety
+/// The level's features are present and the tile lies within the bounds
+/// `rows` checked.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one dispatch point for every tile shape"
+)]
+unsafe fn tile_q(vnni: bool, q4: bool, rr: usize, cc: usize, q: &QSrc, t: &Tile, out: &mut [f32], rt: usize) {
+    macro_rules! go {
+        ($r:literal, $c:literal) => {{
+            // SAFETY: forwarded from this function's contract.
+            let res = unsafe {
+                match (vnni, q4) {
+                    (true, false) => q_vnni::<$r, $c, false>(q, t),
+                    (true, true) => q_vnni::<$r, $c, true>(q, t),
+                    (false, false) => q_avx2::<$r, $c, false>(q, t),
+                    (false, true) => q_avx2::<$r, $c, true>(q, t),
+                }
+            };
+            store::<$r, $c>(res, out, rt, t)
+        }};
+    }
+    match (rr, cc) {
+        (4, 4) => go!(4, 4),
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (_, 4) => go!(1, 4),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Row `row`'s block `b` as 32 unsigned bytes (Q8_0: q+128; Q4_0: nibble).
+///
+/// # Safety
+/// AVX2 present; `row * stride + 32 * (b / 2 or b) + 32 <= w.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wblock<const Q4: bool>(w: &[u8], stride: usize, row: usize, b: usize) -> __m256i {
+    if Q4 {
+        // SAFETY: the pair (32 bytes) lies inside the row (caller's contract).
+        let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(row * stride + 32 * (b / 2)).cast()) };
+        let v = if b % 2 == 1 { _mm256_srli_epi16(v, 4) } else { v };
+        _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+    } else {
+        // SAFETY: the block lies inside the row (caller's contract).
+        unsafe { _mm256_loadu_si256(w.as_ptr().add(row * stride + 32 * b).cast()) }
+    }
+}
+
+/// Q8_0/Q4_0 tile with `vpdpbusd`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI present; rows `t.r..t.r+R` and tokens `t.c..t.c+C`
+/// within the checked bounds.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q_vnni<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK;
+    let a = q.act;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut wv = [_mm256_setzero_si256(); R];
+        let mut dwv = [_mm256_setzero_ps(); R];
+        for i in 0..R {
+            // SAFETY: row t.r+i < rows_end and block b < nb (contract).
+            wv[i] = unsafe { wblock::<Q4>(q.w, q.stride, t.r + i, b) };
+            // SAFETY: (t.r+i)*nb + b < rows_end*nb <= wd.len().
+            dwv[i] = _mm256_set1_ps(unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) });
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: token t.c+j < n, so its block blk < n*nb: qs has
+            // 32*blk+32 bytes, corr 8*blk+8 lanes, d blk+1 scales.
+            let (xv, cv, dx) = unsafe {
+                (
+                    _mm256_loadu_si256(a.qs.as_ptr().add(blk * QK).cast()),
+                    _mm256_loadu_si256(a.corr.as_ptr().add(blk * 8).cast()),
+                    *a.d.get_unchecked(blk),
+                )
+            };
+            let dxv = _mm256_set1_ps(dx);
+            for i in 0..R {
+                let dot = _mm256_dpbusd_epi32(cv, wv[i], xv);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dwv[i], dxv), acc[i][j]);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
+        }
+    }
+    res
+}
+
+/// Q8_0/Q4_0 tile with AVX2 `vpmaddubsw` (Q8_0 by the sign trick, as its
+/// unsigned form would saturate 16-bit pairs).
+///
+/// # Safety
+/// AVX2+FMA present; tile within the checked bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q_avx2<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK;
+    let a = q.act;
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut wv = [_mm256_setzero_si256(); R];
+        let mut ws = [_mm256_setzero_si256(); R];
+        let mut dw = [0f32; R];
+        for i in 0..R {
+            // SAFETY: as in q_vnni.
+            wv[i] = unsafe { wblock::<Q4>(q.w, q.stride, t.r + i, b) };
+            if !Q4 {
+                ws[i] = _mm256_xor_si256(wv[i], flip);
+                wv[i] = _mm256_abs_epi8(ws[i]);
+            }
+            // SAFETY: as in q_vnni.
+            dw[i] = unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) };
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: as in q_vnni.
+            let (xv, cv, dx) = unsafe {
+                (
+                    _mm256_loadu_si256(a.qs.as_ptr().add(blk * QK).cast()),
+                    _mm256_loadu_si256(a.corr.as_ptr().add(blk * 8).cast()),
+                    *a.d.get_unchecked(blk),
+                )
+            };
+            for i in 0..R {
+                let dot = if Q4 {
+                    _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[i], xv), ones), cv)
+                } else {
+                    let sx = _mm256_sign_epi8(xv, ws[i]);
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wv[i], sx), ones)
+                };
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx), acc[i][j]);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
+        }
+    }
+    res
+}
+
+/// # Safety
+/// AVX2+FMA+F16C present; tile within the checked bounds.
+unsafe fn tile_f(w: Fw, rr: usize, cc: usize, x: &[f32], t: &Tile, out: &mut [f32], rt: usize) {
+    macro_rules! go {
+        ($r:literal, $c:literal) => {{
+            // SAFETY: forwarded from this function's contract.
+            let res = unsafe {
+                match w {
+                    Fw::F32(v) => f_tile::<$r, $c, 0>(v.as_ptr().cast(), x, t),
+                    Fw::F16(v) => f_tile::<$r, $c, 1>(v.as_ptr().cast(), x, t),
+                    Fw::Bf16(v) => f_tile::<$r, $c, 2>(v.as_ptr().cast(), x, t),
+                }
+            };
+            store::<$r, $c>(res, out, rt, t)
+        }};
+    }
+    match (rr, cc) {
+        (4, 4) => go!(4, 4),
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (_, 4) => go!(1, 4),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
+/// 8 weights at element `at` as f32: K 0 = f32, 1 = f16, 2 = bf16.
+///
+/// # Safety
+/// AVX2+F16C present; `at + 8` elements of the weight array exist.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn wload<const K: u8>(w: *const u8, at: usize) -> __m256 {
+    // SAFETY: at+8 elements exist (caller's contract).
+    unsafe {
+        match K {
+            0 => _mm256_loadu_ps(w.cast::<f32>().add(at)),
+            1 => _mm256_cvtph_ps(_mm_loadu_si128(w.cast::<u16>().add(at).cast())),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(w.cast::<u16>().add(at).cast())),
+                16,
+            )),
+        }
+    }
+}
+
+/// One weight as f32 (the scalar tail of a row).
+///
+/// # Safety
+/// Element `at` exists.
+#[inline]
+unsafe fn wone<const K: u8>(w: *const u8, at: usize) -> f32 {
+    // SAFETY: element `at` exists (caller's contract).
+    unsafe {
+        match K {
+            0 => *w.cast::<f32>().add(at),
+            1 => super::blocks::f16_to_f32(*w.cast::<u16>().add(at)),
+            _ => super::blocks::bf16_to_f32(*w.cast::<u16>().add(at)),
+        }
+    }
+}
+
+/// Float-weight tile: FMA over 8 columns at a time, scalar tail.
+///
+/// # Safety
+/// AVX2+FMA+F16C present; `w` holds at least (t.r+R)*cols elements and `x`
+/// (t.c+C)*cols.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
+    w: *const u8,
+    x: &[f32],
+    t: &Tile,
+) -> [[f32; C]; R] {
+    let k = t.cols;
+    let k8 = k / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut e = 0;
+    while e < k8 {
+        let mut wv = [_mm256_setzero_ps(); R];
+        for i in 0..R {
+            // SAFETY: (t.r+i)*k + e + 8 <= (t.r+R)*k (contract).
+            wv[i] = unsafe { wload::<K>(w, (t.r + i) * k + e) };
+        }
+        for j in 0..C {
+            // SAFETY: (t.c+j)*k + e + 8 <= x.len() (contract).
+            let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add((t.c + j) * k + e)) };
+            for i in 0..R {
+                acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+            }
+        }
+        e += 8;
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            let mut s = hsum(acc[i][j]);
+            for e in k8..k {
+                // SAFETY: e < k, so the element lies within row t.r+i and token t.c+j.
+                s += unsafe { wone::<K>(w, (t.r + i) * k + e) * *x.get_unchecked((t.c + j) * k + e) };
+            }
+            res[i][j] = s;
+        }
+    }
+    res
+}
+
+/// # Safety
+/// AVX2+FMA present; tile within the checked bounds (`cc` <= 2).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one dispatch point for every tile shape"
+)]
+unsafe fn tile_k(q4k: bool, rr: usize, cc: usize, w: &[u8], act: &Act, t: &Tile, out: &mut [f32], rt: usize) {
+    macro_rules! go {
+        ($r:literal, $c:literal) => {{
+            // SAFETY: forwarded from this function's contract.
+            let res = unsafe {
+                if q4k {
+                    q4k_tile::<$r, $c>(w, act, t)
+                } else {
+                    q6k_tile::<$r, $c>(w, act, t)
+                }
+            };
+            store::<$r, $c>(res, out, rt, t)
+        }};
+    }
+    match (rr, cc) {
+        (4, 2) => go!(4, 2),
+        (4, _) => go!(4, 1),
+        (_, 2) => go!(1, 2),
+        _ => go!(1, 1),
+    }
+}
+
+/// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
+/// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
+///
+/// # Safety
+/// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
+/// checked bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK_K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut head = [(0f32, 0f32); R];
+        let mut sc = [[0i16; 8]; R];
+        let mut mins = [_mm256_setzero_si256(); R];
+        let mut base = [std::ptr::null::<u8>(); R];
+        for i in 0..R {
+            let off = ((t.r + i) * nb + b) * 144;
+            // SAFETY: the block lies below rows_end*nb*144 <= w.len() (contract).
+            let blk = unsafe { w.get_unchecked(off..off + 144) };
+            let h = super::blocks::q4_k_head(blk);
+            head[i] = (h.d, h.dmin);
+            let mut m16 = [0i16; 16];
+            for j in 0..8 {
+                sc[i][j] = i16::from(h.scales[j]);
+                m16[2 * j] = i16::from(h.mins[j]);
+                m16[2 * j + 1] = i16::from(h.mins[j]);
+            }
+            // SAFETY: m16 is 32 bytes.
+            mins[i] = unsafe { _mm256_loadu_si256(m16.as_ptr().cast()) };
+            base[i] = blk.as_ptr();
+        }
+        let mut isum = [[_mm256_setzero_si256(); C]; R];
+        for k in 0..4 {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            for i in 0..R {
+                // SAFETY: bytes 16+32k..48+32k of the 144-byte block.
+                let v = unsafe { _mm256_loadu_si256(base[i].add(16 + 32 * k).cast()) };
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for j in 0..C {
+                let xo = (t.c + j) * t.cols + b * QK_K + 64 * k;
+                // SAFETY: xo + 64 <= n*cols <= qs.len() (contract).
+                let (xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_si256(a.qs.as_ptr().add(xo).cast()),
+                        _mm256_loadu_si256(a.qs.as_ptr().add(xo + 32).cast()),
+                    )
+                };
+                for i in 0..R {
+                    let pl =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo[i], xl), _mm256_set1_epi16(sc[i][2 * k]));
+                    let ph = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi[i], xh),
+                        _mm256_set1_epi16(sc[i][2 * k + 1]),
+                    );
+                    isum[i][j] = _mm256_add_epi32(isum[i][j], _mm256_add_epi32(pl, ph));
+                }
+            }
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: blk < n*nb: d has it, bsums has 16*blk+16 entries.
+            let (dx, bs) = unsafe {
+                (
+                    *a.d.get_unchecked(blk),
+                    _mm256_loadu_si256(a.bsums.as_ptr().add(16 * blk).cast()),
+                )
+            };
+            for i in 0..R {
+                let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins[i]));
+                let f = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[i][j]),
+                    _mm256_set1_ps(head[i].0 * dx),
+                    acc[i][j],
+                );
+                acc[i][j] = _mm256_fnmadd_ps(msum, _mm256_set1_ps(head[i].1 * dx), f);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
+        }
+    }
+    res
+}
+
+/// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
+/// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
+/// off through the Q8_K block sums.
+///
+/// # Safety
+/// AVX2+FMA present; tile within the checked bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+    let nb = t.cols / QK_K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let mut d = [0f32; R];
+        let mut sc = [[0i16; 16]; R];
+        let mut sc16 = [_mm256_setzero_si256(); R];
+        let mut base = [std::ptr::null::<u8>(); R];
+        for i in 0..R {
+            let off = ((t.r + i) * nb + b) * 210;
+            // SAFETY: the block lies below rows_end*nb*210 <= w.len() (contract).
+            let blk = unsafe { w.get_unchecked(off..off + 210) };
+            d[i] = super::blocks::q6_k_d(blk);
+            for g in 0..16 {
+                sc[i][g] = i16::from(blk[192 + g] as i8);
+            }
+            // SAFETY: sc[i] is 32 bytes.
+            sc16[i] = unsafe { _mm256_loadu_si256(sc[i].as_ptr().cast()) };
+            base[i] = blk.as_ptr();
+        }
+        let mut isum = [[_mm256_setzero_si256(); C]; R];
+        for h in 0..2 {
+            for m in 0..4 {
+                let g = 8 * h + 2 * m;
+                // Unpack just this 32-element chunk per row: holding all
+                // four chunks of four rows would spill AVX2's 16 registers.
+                let mut q = [_mm256_setzero_si256(); R];
+                let mut scv = [_mm256_setzero_si256(); R];
+                for i in 0..R {
+                    // SAFETY: ql at 64h+32(m%2)..+32 and qh at 128+32h..+32
+                    // lie within the 210-byte block.
+                    let (l, qh) = unsafe {
+                        (
+                            _mm256_loadu_si256(base[i].add(64 * h + 32 * (m % 2)).cast()),
+                            _mm256_loadu_si256(base[i].add(128 + 32 * h).cast()),
+                        )
+                    };
+                    let qh = if m % 2 == 1 { _mm256_srli_epi16(qh, 2) } else { qh };
+                    q[i] = if m < 2 {
+                        _mm256_or_si256(
+                            _mm256_and_si256(l, m4),
+                            _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                        )
+                    } else {
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l, 4), m4),
+                            _mm256_and_si256(qh, m30),
+                        )
+                    };
+                    scv[i] = _mm256_set_m128i(_mm_set1_epi16(sc[i][g + 1]), _mm_set1_epi16(sc[i][g]));
+                }
+                for j in 0..C {
+                    let xo = (t.c + j) * t.cols + b * QK_K + 128 * h + 32 * m;
+                    // SAFETY: xo + 32 <= n*cols <= qs.len() (contract).
+                    let xv = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(xo).cast()) };
+                    for i in 0..R {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], xv), scv[i]);
+                        isum[i][j] = _mm256_add_epi32(isum[i][j], p);
+                    }
+                }
+            }
+        }
+        for j in 0..C {
+            let blk = (t.c + j) * nb + b;
+            // SAFETY: blk < n*nb: d has it, bsums has 16*blk+16 entries.
+            let (dx, bs) = unsafe {
+                (
+                    *a.d.get_unchecked(blk),
+                    _mm256_loadu_si256(a.bsums.as_ptr().add(16 * blk).cast()),
+                )
+            };
+            for i in 0..R {
+                let corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16[i]), 5);
+                let tot = _mm256_sub_epi32(isum[i][j], corr);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_set1_ps(d[i] * dx), acc[i][j]);
+            }
+        }
+    }
+    let mut res = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            res[i][j] = hsum(acc[i][j]);
+        }
+    }
+    res
+}
+
+pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    // SAFETY: kernels::dot_f32 dispatches here only for a SIMD level whose
+    // features (AVX2+FMA) were detected; both slices hold n elements.
+    unsafe { dot_avx2(&a[..n], &b[..n]) }
+}
+
+/// # Safety
+/// AVX2+FMA present; `a.len() == b.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i+16 <= n elements in both.
+        unsafe {
+            s0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                s0,
+            );
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                s1,
+            );
+        }
+        i += 16;
+    }
+    let mut s = hsum(_mm256_add_ps(s0, s1));
+    for k in i..n {
+        s += a[k] * b[k];
+    }
+    s
+}
+
+pub(super) fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    // SAFETY: dispatched only for a detected SIMD level (AVX2+FMA); both
+    // slices hold n elements.
+    unsafe { axpy_avx2(a, &x[..n], &mut y[..n]) }
+}
+
+/// # Safety
+/// AVX2+FMA present; `x.len() == y.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len();
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i+8 <= n elements in both.
+        unsafe {
+            let yv = _mm256_fmadd_ps(
+                av,
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                _mm256_loadu_ps(y.as_ptr().add(i)),
+            );
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), yv);
+        }
+        i += 8;
+    }
+    for k in i..n {
+        y[k] += a * x[k];
+    }
+}
