@@ -6,6 +6,9 @@
 #   - redis-server (Debian) for the shared rate-limit tests;
 #   - prometheus and promtool (Debian) for the alert-rule unit tests and the
 #     real-Prometheus scrape test (tests/ops);
+#   - llama.cpp, built once from the llama-cpp-python sdist (scripts/llama_cpp.sh,
+#     cached; cmake + g++ from Debian), the second implementation the engine's
+#     parity tests (tests/engine) compare moat's CPU engine with;
 #   - nothing else: all other tests are Rust tests that start the real
 #     `moat` binary (and the servers above) on loopback.
 # The cargo target directory is cached outside the clone so later runs on
@@ -57,6 +60,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
 
+step "llama.cpp for the engine parity tests (built once, cached)"
+MOAT_LLAMA_CPP_DIR="$(scripts/llama_cpp.sh "$VENV")"
+export MOAT_LLAMA_CPP_DIR
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -75,6 +82,10 @@ cargo test --workspace --locked
 
 step "end to end: the official openai SDK, signing interop with model_signing, the scanner corpus and SARIF schema"
 MOAT_BIN="$CARGO_TARGET_DIR/debug/moat" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e tests/signing tests/scan
+
+step "engine parity: moat's CPU engine against llama.cpp on the same random-weight models"
+cargo build --locked -p moat-engine --example probe
+MOAT_PROBE="$CARGO_TARGET_DIR/debug/examples/probe" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/engine
 
 step "alert rules: promtool check and unit tests"
 promtool check rules deploy/prometheus/alerts.yml
