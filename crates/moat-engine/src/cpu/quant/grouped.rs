@@ -66,7 +66,11 @@ impl Grouped {
                     if q4 {
                         // ggml: element j < 16 in the low nibble of byte j,
                         // element j + 16 in the high nibble.
-                        let v = if i < 16 { blk[2 + i] & 0xF } else { blk[2 + i - 16] >> 4 };
+                        let v = if i < 16 {
+                            blk[2 + i] & 0xF
+                        } else {
+                            blk[2 + i - 16] >> 4
+                        };
                         let at = 64 * (k % 4) + 4 * l + e;
                         let shift = 4 * (k / 4);
                         tile[at] = (tile[at] & !(0xF << shift)) | (v << shift);
@@ -76,13 +80,7 @@ impl Grouped {
                 }
             }
         }
-        Grouped {
-            q4,
-            rows,
-            nb,
-            qs,
-            d,
-        }
+        Grouped { q4, rows, nb, qs, d }
     }
 
     /// Element `i` (0..32) of row `r`'s block `b` as the signed quant.
