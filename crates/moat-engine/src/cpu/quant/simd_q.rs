@@ -168,6 +168,25 @@ unsafe fn xword(p: &Tile, j: usize, b: usize, k: usize) -> i32 {
     }
 }
 
+/// Bytes ahead of the current weight tile to prefetch when few tokens share
+/// it (decode): the weights then stream from memory once, and the hardware
+/// prefetchers stop at every 4 KiB page, so we ask across pages ourselves.
+const PF: usize = 4096;
+
+/// Prefetch `len` bytes at `w + at + PF` (into L1/L2; a hint: addresses
+/// past the weights are harmless, prefetches never fault).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn prefetch_ahead(w: *const u8, at: usize, len: usize) {
+    let mut o = 0;
+    while o < len {
+        // `wrapping_add` keeps the hint's address computation free of
+        // out-of-bounds pointer arithmetic.
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(at + PF + o).cast());
+        o += 64;
+    }
+}
+
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI present; the tile lies within the bounds
 /// `grouped_range` checked.
@@ -175,8 +194,12 @@ unsafe fn xword(p: &Tile, j: usize, b: usize, k: usize) -> i32 {
 unsafe fn vnni_tile<const C: usize, const Q4: bool>(p: &Tile) {
     let nb = p.nb;
     let m4 = _mm512_set1_epi8(0x0F);
+    let tb = Grouped::tile_bytes(Q4);
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..nb {
+        if C <= 2 {
+            prefetch_ahead(p.w, b * tb, tb);
+        }
         let mut wv = [_mm512_setzero_si512(); 8];
         // SAFETY: block b's tile and 16 scales lie within the group.
         unsafe {
