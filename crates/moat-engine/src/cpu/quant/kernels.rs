@@ -74,6 +74,9 @@ impl Level {
     }
 }
 
+/// One token's Q8_0 quants, scales, corrections (to fill) and floats.
+type TokenQ8<'a> = ((&'a mut [i8], &'a mut [f32]), (&'a mut [i32], &'a [f32]));
+
 /// One matmul call's activations, converted once for all rows.
 pub(crate) struct Act {
     pub n: usize,
@@ -94,7 +97,9 @@ pub(crate) struct Act {
 }
 
 impl Act {
-    pub fn prepare(t: QType, x: &[f32], n: usize, cols: usize) -> Act {
+    /// `level` picks SIMD or scalar quantisation of the activations (the
+    /// same numbers either way).
+    pub fn prepare(level: Level, t: QType, x: &[f32], n: usize, cols: usize) -> Act {
         let mut a = Act {
             n,
             cols,
@@ -114,7 +119,11 @@ impl Act {
                 a.qs = vec![0; x.len()];
                 a.d = vec![0.0; n * nb];
                 a.corr = vec![0; n * nb];
-                let one = |((qt, dt), (ct, xt)): ((&mut [i8], &mut [f32]), (&mut [i32], &[f32]))| {
+                let one = |((qt, dt), (ct, xt)): TokenQ8<'_>| {
+                    #[cfg(target_arch = "x86_64")]
+                    if level != Level::Scalar {
+                        return super::simd_q::quantize_q8_0_act(xt, qt, dt, ct, offset);
+                    }
                     for (((xb, qb), d), c) in xt
                         .chunks_exact(QK)
                         .zip(qt.chunks_exact_mut(QK))

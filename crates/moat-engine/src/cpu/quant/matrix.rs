@@ -335,7 +335,7 @@ impl QMatrix {
         if n == 0 || self.rows == 0 {
             return Ok(());
         }
-        let act = Act::prepare(self.qtype, x, n, self.cols);
+        let act = Act::prepare(level, self.qtype, x, n, self.cols);
         if let Data::Q8_0(g) | Data::Q4_0(g) = &self.data {
             grouped_matmul(level, g, &act, n, y);
             return Ok(());

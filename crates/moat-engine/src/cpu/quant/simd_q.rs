@@ -325,3 +325,77 @@ unsafe fn avx2_tile<const C: usize, const Q4: bool>(p: &Tile) {
         }
     }
 }
+
+/// One token's activations `x` as Q8_0 blocks: quants `qs`, scales `d`
+/// and corrections `corr` (`-offset * sum(quants)`), the same numbers as
+/// `blocks::quantize_q8_0_act` (round half away from zero, as `f32::round`)
+/// without a libm `roundf` call per element, which a prompt would pay
+/// hundreds of millions of times.
+pub(super) fn quantize_q8_0_act(x: &[f32], qs: &mut [i8], d: &mut [f32], corr: &mut [i32], offset: i32) {
+    let nb = x.len() / QK;
+    if qs.len() < nb * QK || d.len() < nb || corr.len() < nb || !Level::Avx2.available() {
+        for (((xb, qb), d), c) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(d).zip(corr) {
+            *d = super::blocks::quantize_q8_0_act(xb, qb);
+            *c = -offset * qb.iter().map(|&q| i32::from(q)).sum::<i32>();
+        }
+        return;
+    }
+    for b in 0..nb {
+        // SAFETY: AVX2 was detected just above; block b's 32 floats and 32
+        // quants exist (lengths checked above).
+        let (scale, sum) = unsafe { quant_block(x.as_ptr().add(b * QK), qs.as_mut_ptr().add(b * QK)) };
+        d[b] = scale;
+        corr[b] = -offset * sum;
+    }
+}
+
+/// # Safety
+/// AVX2 present; 32 floats at `x`, 32 bytes at `q`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant_block(x: *const f32, q: *mut i8) -> (f32, i32) {
+    // SAFETY: 32 floats at x (contract).
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(x),
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_loadu_ps(x.add(16)),
+            _mm256_loadu_ps(x.add(24)),
+        ]
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let mut iv = [_mm256_setzero_si256(); 4];
+    for (o, vi) in iv.iter_mut().zip(v) {
+        let p = _mm256_mul_ps(vi, id);
+        // Half away from zero: truncate, then step away from zero when the
+        // dropped fraction (exact in f32) is at least one half.
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(p, t));
+        let step = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half),
+            _mm256_or_ps(one, _mm256_and_ps(p, sign)),
+        );
+        *o = _mm256_cvtps_epi32(_mm256_add_ps(t, step));
+    }
+    let s = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01)));
+    // i32 -> i8 in element order: the packs work per 128-bit lane, the
+    // permute puts the four 8-element runs back in sequence.
+    let p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: 32 bytes at q (contract).
+    unsafe { _mm256_storeu_si256(q.cast(), p) };
+    (super::blocks::round_f16(d), sum)
+}
