@@ -61,11 +61,10 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
         4 * cols
     };
     let panel = (262_144 / act_bytes.max(1)).clamp(4, 256) / 4 * 4;
-    let max_c = if vnni && !matches!(w.data, Data::Raw(_)) {
-        4
-    } else {
-        2
-    };
+    // 4 tokens per tile where AVX-512 gives the tiles 32 vector registers
+    // (the same ymm code, compiled with AVX-512 VL, spills no accumulator);
+    // 2 under AVX2's 16.
+    let max_c = if vnni { 4 } else { 2 };
     for p0 in (0..n).step_by(panel) {
         let p1 = (p0 + panel).min(n);
         let mut rt = 0;
@@ -95,10 +94,10 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
                     match &w.data {
                         // Not reached: `ok` is false for grouped weights.
                         Data::Q8_0(_) | Data::Q4_0(_) => {}
-                        Data::F32(v) => tile_f(Fw::F32(v), rr, cc, &act.f, &t, out, rt),
-                        Data::F16(v) => tile_f(Fw::F16(v), rr, cc, &act.f, &t, out, rt),
-                        Data::Bf16(v) => tile_f(Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
-                        Data::Raw(v) => tile_k(w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
+                        Data::F32(v) => tile_f(vnni, Fw::F32(v), rr, cc, &act.f, &t, out, rt),
+                        Data::F16(v) => tile_f(vnni, Fw::F16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Bf16(v) => tile_f(vnni, Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Raw(v) => tile_k(vnni, w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
                     }
                 }
                 ct += cc;
@@ -139,17 +138,43 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Defines a tile function twice: `$name` with AVX2 (+FMA, F16C) and
+/// `$wide` with AVX-512 F/BW/VL as well, where the same ymm code gets 32
+/// vector registers (so 4-token tiles keep every accumulator in registers).
+/// Both have the contract written above the invocation.
+macro_rules! two_levels {
+    ($name:ident, $wide:ident, $($rest:tt)*) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name $($rest)*
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        unsafe fn $wide $($rest)*
+    };
+}
+
 /// # Safety
 /// AVX2+FMA+F16C present; tile within the checked bounds.
-unsafe fn tile_f(w: Fw, rr: usize, cc: usize, x: &[f32], t: &Tile, out: &mut [f32], rt: usize) {
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one dispatch point for every tile shape"
+)]
+unsafe fn tile_f(wide: bool, w: Fw, rr: usize, cc: usize, x: &[f32], t: &Tile, out: &mut [f32], rt: usize) {
     macro_rules! go {
         ($r:literal, $c:literal) => {{
-            // SAFETY: forwarded from this function's contract.
+            let (p, k) = match w {
+                Fw::F32(v) => (v.as_ptr().cast::<u8>(), 0),
+                Fw::F16(v) => (v.as_ptr().cast::<u8>(), 1),
+                Fw::Bf16(v) => (v.as_ptr().cast::<u8>(), 2),
+            };
+            // SAFETY: forwarded from this function's contract (`wide` only
+            // at the AVX-512 level).
             let res = unsafe {
-                match w {
-                    Fw::F32(v) => f_tile::<$r, $c, 0>(v.as_ptr().cast(), x, t),
-                    Fw::F16(v) => f_tile::<$r, $c, 1>(v.as_ptr().cast(), x, t),
-                    Fw::Bf16(v) => f_tile::<$r, $c, 2>(v.as_ptr().cast(), x, t),
+                match (wide, k) {
+                    (true, 0) => f_tile_w::<$r, $c, 0>(p, x, t),
+                    (true, 1) => f_tile_w::<$r, $c, 1>(p, x, t),
+                    (true, _) => f_tile_w::<$r, $c, 2>(p, x, t),
+                    (false, 0) => f_tile::<$r, $c, 0>(p, x, t),
+                    (false, 1) => f_tile::<$r, $c, 1>(p, x, t),
+                    (false, _) => f_tile::<$r, $c, 2>(p, x, t),
                 }
             };
             store::<$r, $c>(res, out, rt, t)
@@ -201,13 +226,14 @@ unsafe fn wone<const K: u8>(w: *const u8, at: usize) -> f32 {
     }
 }
 
-/// Float-weight tile: FMA over 8 columns at a time, scalar tail.
-///
-/// # Safety
-/// AVX2+FMA+F16C present; `w` holds at least (t.r+R)*cols elements and `x`
-/// (t.c+C)*cols.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
+// Float-weight tile: FMA over 8 columns at a time, scalar tail.
+//
+// # Safety
+// AVX2+FMA+F16C present; `w` holds at least (t.r+R)*cols elements and `x`
+// (t.c+C)*cols.
+two_levels! {
+    f_tile, f_tile_w,
+<const R: usize, const C: usize, const K: u8>(
     w: *const u8,
     x: &[f32],
     t: &Tile,
@@ -244,6 +270,7 @@ unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
     }
     res
 }
+}
 
 /// # Safety
 /// AVX2+FMA present; tile within the checked bounds (`cc` <= 2).
@@ -251,36 +278,51 @@ unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
     clippy::too_many_arguments,
     reason = "one dispatch point for every tile shape"
 )]
-unsafe fn tile_k(q4k: bool, rr: usize, cc: usize, w: &[u8], act: &Act, t: &Tile, out: &mut [f32], rt: usize) {
+unsafe fn tile_k(
+    wide: bool,
+    q4k: bool,
+    rr: usize,
+    cc: usize,
+    w: &[u8],
+    act: &Act,
+    t: &Tile,
+    out: &mut [f32],
+    rt: usize,
+) {
     macro_rules! go {
         ($r:literal, $c:literal) => {{
-            // SAFETY: forwarded from this function's contract.
+            // SAFETY: forwarded from this function's contract (`wide` only
+            // at the AVX-512 level).
             let res = unsafe {
-                if q4k {
-                    q4k_tile::<$r, $c>(w, act, t)
-                } else {
-                    q6k_tile::<$r, $c>(w, act, t)
+                match (wide, q4k) {
+                    (true, true) => q4k_tile_w::<$r, $c>(w, act, t),
+                    (true, false) => q6k_tile_w::<$r, $c>(w, act, t),
+                    (false, true) => q4k_tile::<$r, $c>(w, act, t),
+                    (false, false) => q6k_tile::<$r, $c>(w, act, t),
                 }
             };
             store::<$r, $c>(res, out, rt, t)
         }};
     }
     match (rr, cc) {
+        (4, 4) => go!(4, 4),
         (4, 2) => go!(4, 2),
         (4, _) => go!(4, 1),
+        (_, 4) => go!(1, 4),
         (_, 2) => go!(1, 2),
         _ => go!(1, 1),
     }
 }
 
-/// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
-/// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
-///
-/// # Safety
-/// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
-/// checked bounds.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
+// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
+//
+// # Safety
+// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
+// checked bounds.
+two_levels! {
+    q4k_tile, q4k_tile_w,
+<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
     let nb = t.cols / QK_K;
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -363,15 +405,17 @@ unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
     }
     res
 }
+}
 
-/// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
-/// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
-/// off through the Q8_K block sums.
-///
-/// # Safety
-/// AVX2+FMA present; tile within the checked bounds.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
+// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
+// off through the Q8_K block sums.
+//
+// # Safety
+// AVX2+FMA present; tile within the checked bounds.
+two_levels! {
+    q6k_tile, q6k_tile_w,
+<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
     let nb = t.cols / QK_K;
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x03);
@@ -459,6 +503,7 @@ unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
         }
     }
     res
+}
 }
 
 pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
