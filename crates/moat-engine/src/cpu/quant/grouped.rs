@@ -61,21 +61,18 @@ impl Grouped {
                 let blk = &bytes[(r * nb + b) * bb..][..bb];
                 d[(g * nb + b) * G + l] = u16::from_le_bytes([blk[0], blk[1]]);
                 let tile = &mut qs[(g * nb + b) * tb..][..tb];
-                for i in 0..QK {
-                    let (k, e) = (i / 4, i % 4);
+                // Words of 4 quants move whole. Q4_0: ggml's byte j holds
+                // elements j and j + 16, which is exactly our byte for
+                // element j (its high nibble is element 4(k+4)+e = j + 16),
+                // so the bytes copy as they are.
+                let words = if q4 { 4 } else { 8 };
+                for k in 0..words {
+                    let src = &blk[2 + 4 * k..][..4];
+                    let dst = &mut tile[64 * k + 4 * l..][..4];
                     if q4 {
-                        // ggml: element j < 16 in the low nibble of byte j,
-                        // element j + 16 in the high nibble.
-                        let v = if i < 16 {
-                            blk[2 + i] & 0xF
-                        } else {
-                            blk[2 + i - 16] >> 4
-                        };
-                        let at = 64 * (k % 4) + 4 * l + e;
-                        let shift = 4 * (k / 4);
-                        tile[at] = (tile[at] & !(0xF << shift)) | (v << shift);
+                        dst.copy_from_slice(src);
                     } else {
-                        tile[64 * k + 4 * l + e] = blk[2 + i] ^ 0x80;
+                        dst.iter_mut().zip(src).for_each(|(o, &v)| *o = v ^ 0x80);
                     }
                 }
             }
