@@ -4,9 +4,10 @@
 //! medians into whole-model estimates: the matmuls are nearly all of a
 //! forward pass, so these bound what the engine can reach.
 //!
-//! `cargo run --release -p moat-engine --example qbench [TYPES] [RUNS]`,
+//! `cargo run --release -p moat-engine --example qbench [TYPES] [RUNS] [decode]`,
 //! TYPES a comma list of Q8_0,Q4_0,Q4_K,Q6_K,F16 (default all), RUNS per
-//! median (default 5). Weights are random well-formed ggml bytes: speed does
+//! median (default 5); `decode` skips the 512-token runs (for `perf stat`
+//! of the decode kernels alone). Weights are random well-formed ggml bytes: speed does
 //! not depend on the values, and quantising 1.5B floats would take minutes.
 
 use std::time::Instant;
@@ -96,6 +97,7 @@ fn main() -> Result<(), String> {
         .map(|s| s.parse().map_err(|_| "RUNS?".to_string()))
         .transpose()?
         .unwrap_or(5);
+    let decode_only = args.get(3).is_some_and(|s| s == "decode");
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
@@ -135,6 +137,9 @@ fn main() -> Result<(), String> {
                     dec[k] += v;
                     pre[k] += v;
                 }
+            } else if decode_only {
+                dec[0] += LAYERS as f64 * t1;
+                dec[1] += LAYERS as f64 * b1;
             } else {
                 dec[0] += LAYERS as f64 * t1;
                 dec[1] += LAYERS as f64 * b1;

@@ -470,7 +470,3 @@ pub(crate) fn q4_k_head(b: &[u8]) -> Q4kHead {
 pub(crate) fn q6_k_d(b: &[u8]) -> f32 {
     f16_to_f32(rd_u16(b, 208))
 }
-
-pub(crate) fn q_d(b: &[u8]) -> f32 {
-    f16_to_f32(rd_u16(b, 0))
-}

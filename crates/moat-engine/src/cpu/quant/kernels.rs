@@ -9,8 +9,11 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 use super::QType;
 use super::blocks::{self, QK, QK_K};
+use super::grouped::Grouped;
 use super::matrix::{Data, QMatrix};
 
 /// Which kernels run. `detect` picks the best this CPU has, once.
@@ -71,6 +74,9 @@ impl Level {
     }
 }
 
+/// One token's Q8_0 quants, scales, corrections (to fill) and floats.
+type TokenQ8<'a> = ((&'a mut [i8], &'a mut [f32]), (&'a mut [i32], &'a [f32]));
+
 /// One matmul call's activations, converted once for all rows.
 pub(crate) struct Act {
     pub n: usize,
@@ -84,14 +90,16 @@ pub(crate) struct Act {
     pub d: Vec<f32>,
     /// Q8_K: sums of each 16 quants.
     pub bsums: Vec<i16>,
-    /// Q8_0: 8 per block, `-offset * (x[4l]+..+x[4l+3])`, where offset is
-    /// what the weight storage adds to make quants unsigned (128 for Q8_0,
-    /// 8 for Q4_0): the starting value of an unsigned-by-signed dot.
+    /// Q8_0: one per block, `-offset * sum(quants)`, where offset is what
+    /// the weight storage adds to make quants unsigned (128 for Q8_0, 8 for
+    /// Q4_0): the starting value of an unsigned-by-signed dot.
     pub corr: Vec<i32>,
 }
 
 impl Act {
-    pub fn prepare(t: QType, x: &[f32], n: usize, cols: usize) -> Act {
+    /// `level` picks SIMD or scalar quantisation of the activations (the
+    /// same numbers either way).
+    pub fn prepare(level: Level, t: QType, x: &[f32], n: usize, cols: usize) -> Act {
         let mut a = Act {
             n,
             cols,
@@ -107,15 +115,37 @@ impl Act {
             QType::BF16 => a.f = x.iter().map(|&v| blocks::round_bf16(v)).collect(),
             QType::Q8_0 | QType::Q4_0 => {
                 let offset = if t == QType::Q8_0 { 128 } else { 8 };
+                let nb = cols / QK;
                 a.qs = vec![0; x.len()];
-                a.d = Vec::with_capacity(x.len() / QK);
-                a.corr = Vec::with_capacity(x.len() / 4);
-                for (xb, qb) in x.chunks_exact(QK).zip(a.qs.chunks_exact_mut(QK)) {
-                    a.d.push(blocks::quantize_q8_0_act(xb, qb));
-                    for g in qb.chunks_exact(4) {
-                        a.corr
-                            .push(-offset * g.iter().map(|&q| i32::from(q)).sum::<i32>());
+                a.d = vec![0.0; n * nb];
+                a.corr = vec![0; n * nb];
+                let one = |((qt, dt), (ct, xt)): TokenQ8<'_>| {
+                    #[cfg(target_arch = "x86_64")]
+                    if level != Level::Scalar {
+                        return super::simd_q::quantize_q8_0_act(xt, qt, dt, ct, offset);
                     }
+                    for (((xb, qb), d), c) in xt
+                        .chunks_exact(QK)
+                        .zip(qt.chunks_exact_mut(QK))
+                        .zip(dt.iter_mut())
+                        .zip(ct.iter_mut())
+                    {
+                        *d = blocks::quantize_q8_0_act(xb, qb);
+                        *c = -offset * qb.iter().map(|&q| i32::from(q)).sum::<i32>();
+                    }
+                };
+                let (c, nb1) = (cols.max(1), nb.max(1));
+                // Many tokens (a prompt): quantise them on every thread.
+                if n >= 8 {
+                    a.qs.par_chunks_mut(c)
+                        .zip(a.d.par_chunks_mut(nb1))
+                        .zip(a.corr.par_chunks_mut(nb1).zip(x.par_chunks(c)))
+                        .for_each(one);
+                } else {
+                    a.qs.chunks_mut(c)
+                        .zip(a.d.chunks_mut(nb1))
+                        .zip(a.corr.chunks_mut(nb1).zip(x.chunks(c)))
+                        .for_each(one);
                 }
             }
             QType::Q4K | QType::Q6K => {
@@ -145,6 +175,42 @@ pub(crate) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
     }
 }
 
+/// Grouped Q8_0/Q4_0 weights (see `grouped`) times tokens `toks`, rows
+/// `rows` (`rows.start` a multiple of 16): `out[(j - toks.start) * stride +
+/// r - rows.start]`.
+pub(crate) fn grouped_range(
+    level: Level,
+    g: &Grouped,
+    act: &Act,
+    rows: std::ops::Range<usize>,
+    toks: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd_q::grouped_range(level, g, act, rows, toks, out, stride),
+        _ => scalar_grouped_range(g, act, rows, toks, out, stride),
+    }
+}
+
+pub(crate) fn scalar_grouped_range(
+    g: &Grouped,
+    act: &Act,
+    rows: std::ops::Range<usize>,
+    toks: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let (k, nb) = (act.cols, act.cols / QK);
+    for (jo, j) in toks.enumerate() {
+        let (xq, xd) = (&act.qs[j * k..(j + 1) * k], &act.d[j * nb..(j + 1) * nb]);
+        for r in rows.clone() {
+            out[jo * stride + r - rows.start] = g.dot(r, xq, xd);
+        }
+    }
+}
+
 pub(crate) fn scalar_rows(w: &QMatrix, act: &Act, r0: usize, out: &mut [f32]) {
     for (ri, o) in out.chunks_exact_mut(act.n).enumerate() {
         for (c, v) in o.iter_mut().enumerate() {
@@ -168,36 +234,9 @@ pub(crate) fn scalar_dot(w: &QMatrix, act: &Act, r: usize, c: usize) -> f32 {
             .zip(&act.f[c * k..])
             .map(|(&h, &x)| blocks::bf16_to_f32(h) * x)
             .sum(),
-        Data::Q8_0 { qs, d } => {
+        Data::Q8_0(g) | Data::Q4_0(g) => {
             let nb = k / QK;
-            let mut acc = 0.0f32;
-            for b in 0..nb {
-                let wq = &qs[r * k + b * QK..][..QK];
-                let xq = &act.qs[c * k + b * QK..][..QK];
-                let s: i32 = wq
-                    .iter()
-                    .zip(xq)
-                    .map(|(&w, &x)| i32::from((w ^ 0x80) as i8) * i32::from(x))
-                    .sum();
-                acc += s as f32 * (d[r * nb + b] * act.d[c * nb + b]);
-            }
-            acc
-        }
-        Data::Q4_0 { qs, d, stride } => {
-            let nb = k / QK;
-            let mut acc = 0.0f32;
-            for b in 0..nb {
-                let pair = &qs[r * stride + 32 * (b / 2)..][..32];
-                let shift = 4 * (b % 2);
-                let xq = &act.qs[c * k + b * QK..][..QK];
-                let s: i32 = pair
-                    .iter()
-                    .zip(xq)
-                    .map(|(&p, &x)| (i32::from((p >> shift) & 0xF) - 8) * i32::from(x))
-                    .sum();
-                acc += s as f32 * (d[r * nb + b] * act.d[c * nb + b]);
-            }
-            acc
+            g.dot(r, &act.qs[c * k..(c + 1) * k], &act.d[c * nb..(c + 1) * nb])
         }
         Data::Raw(v) => {
             let nb = k / QK_K;

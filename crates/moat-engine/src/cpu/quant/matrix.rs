@@ -1,15 +1,16 @@
 //! [`QMatrix`]: a weight matrix in one of the [`QType`] encodings, built from
 //! GGUF bytes or quantised from floats, and its product with activations.
 //!
-//! Q8_0 and Q4_0 are re-laid at load (scales apart as f32, quants unsigned,
-//! Q4_0 nibbles of two blocks sharing bytes) so the SIMD kernels do no
-//! per-block unpacking of scales or signs; the ggml bytes are rebuilt exactly
-//! by [`QMatrix::to_ggml`]. The other types keep ggml's layout.
+//! Q8_0 and Q4_0 are re-laid at load into groups of 16 interleaved rows
+//! ([`super::grouped`]) so the SIMD kernels compute 16 rows per vector; the
+//! ggml bytes are rebuilt exactly by [`QMatrix::to_ggml`]. The other types
+//! keep ggml's layout.
 
 use rayon::prelude::*;
 
 use super::QType;
 use super::blocks::{self, QK, QK_K};
+use super::grouped::{G, Grouped};
 use super::kernels::{self, Act, Level};
 
 /// Bad input to a quant routine. Every message names the type and sizes.
@@ -44,20 +45,9 @@ pub(crate) enum Data {
     F16(Vec<u16>),
     /// bfloat16 bits.
     Bf16(Vec<u16>),
-    /// `qs[r*cols + k]` = quant + 128 (unsigned, for `vpdpbusd`);
-    /// `d[r*nb + b]` = the block's f16 scale as f32.
-    Q8_0 {
-        qs: Vec<u8>,
-        d: Vec<f32>,
-    },
-    /// Blocks paired: row r's pair p is 32 bytes at `r*stride + 32*p`; byte j
-    /// holds element j of block 2p (quant + 8) in its low nibble and element j
-    /// of block 2p+1 in its high nibble (zero past an odd row end).
-    Q4_0 {
-        qs: Vec<u8>,
-        d: Vec<f32>,
-        stride: usize,
-    },
+    /// Q8_0 / Q4_0 in groups of 16 interleaved rows (see `grouped`).
+    Q8_0(Grouped),
+    Q4_0(Grouped),
     /// ggml bytes as they came (Q4_K, Q6_K).
     Raw(Vec<u8>),
 }
@@ -91,7 +81,7 @@ impl QMatrix {
     /// `cols` elements, `bytes.len()` must be `rows * row_bytes(cols)`.
     pub fn from_ggml(t: QType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, QuantError> {
         let what = format!("{} matrix {rows} x {cols}", t.name());
-        let (row_bytes, total) = total_bytes(t, rows, cols, &what)?;
+        let (_, total) = total_bytes(t, rows, cols, &what)?;
         if bytes.len() != total {
             return Err(QuantError::Size {
                 what,
@@ -115,33 +105,8 @@ impl QMatrix {
             ),
             QType::F16 => Data::F16(u16s()),
             QType::BF16 => Data::Bf16(u16s()),
-            QType::Q8_0 => {
-                let mut qs = Vec::with_capacity(rows * cols);
-                let mut d = Vec::with_capacity(rows * cols / QK);
-                for b in bytes.chunks_exact(34) {
-                    d.push(blocks::q_d(b));
-                    qs.extend(b[2..34].iter().map(|&q| q ^ 0x80));
-                }
-                Data::Q8_0 { qs, d }
-            }
-            QType::Q4_0 => {
-                let nb = cols / QK;
-                let stride = nb.div_ceil(2) * 32;
-                let mut qs = vec![0u8; rows * stride];
-                let mut d = Vec::with_capacity(rows * nb);
-                for (r, row) in bytes.chunks_exact(row_bytes.max(1)).enumerate() {
-                    for (b, blk) in row.chunks_exact(18).enumerate() {
-                        d.push(blocks::q_d(blk));
-                        let pair = &mut qs[r * stride + 32 * (b / 2)..][..32];
-                        let shift = 4 * (b % 2);
-                        for j in 0..16 {
-                            pair[j] |= (blk[2 + j] & 0xF) << shift;
-                            pair[j + 16] |= (blk[2 + j] >> 4) << shift;
-                        }
-                    }
-                }
-                Data::Q4_0 { qs, d, stride }
-            }
+            QType::Q8_0 => Data::Q8_0(Grouped::from_ggml(false, rows, cols / QK, bytes)),
+            QType::Q4_0 => Data::Q4_0(Grouped::from_ggml(true, rows, cols / QK, bytes)),
             QType::Q4K | QType::Q6K => Data::Raw(bytes.to_vec()),
         };
         Ok(Self {
@@ -215,14 +180,7 @@ impl QMatrix {
             match (&mut acc.data, p.data) {
                 (Data::F32(a), Data::F32(b)) => a.extend(b),
                 (Data::F16(a), Data::F16(b)) | (Data::Bf16(a), Data::Bf16(b)) => a.extend(b),
-                (Data::Q8_0 { qs, d }, Data::Q8_0 { qs: q2, d: d2 }) => {
-                    qs.extend(q2);
-                    d.extend(d2);
-                }
-                (Data::Q4_0 { qs, d, .. }, Data::Q4_0 { qs: q2, d: d2, .. }) => {
-                    qs.extend(q2);
-                    d.extend(d2);
-                }
+                (Data::Q8_0(a), Data::Q8_0(b)) | (Data::Q4_0(a), Data::Q4_0(b)) => a.append(b),
                 (Data::Raw(a), Data::Raw(b)) => a.extend(b),
                 _ => {
                     return Err(QuantError::Concat(format!(
@@ -253,7 +211,7 @@ impl QMatrix {
         match &self.data {
             Data::F32(v) => 4 * v.len(),
             Data::F16(v) | Data::Bf16(v) => 2 * v.len(),
-            Data::Q8_0 { qs, d } | Data::Q4_0 { qs, d, .. } => qs.len() + 4 * d.len(),
+            Data::Q8_0(g) | Data::Q4_0(g) => g.qs.len() + 2 * g.d.len(),
             Data::Raw(v) => v.len(),
         }
     }
@@ -266,25 +224,7 @@ impl QMatrix {
         match &self.data {
             Data::F32(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
             Data::F16(v) | Data::Bf16(v) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-            Data::Q8_0 { qs, d } => {
-                for (q, &s) in qs.chunks_exact(QK).zip(d) {
-                    out.extend(blocks::f32_to_f16(s).to_le_bytes());
-                    out.extend(q.iter().map(|&v| v ^ 0x80));
-                }
-            }
-            Data::Q4_0 { qs, d, stride } => {
-                let nb = self.cols / QK;
-                for r in 0..self.rows {
-                    for b in 0..nb {
-                        out.extend(blocks::f32_to_f16(d[r * nb + b]).to_le_bytes());
-                        let pair = &qs[r * stride + 32 * (b / 2)..][..32];
-                        let shift = 4 * (b % 2);
-                        for j in 0..16 {
-                            out.push(((pair[j] >> shift) & 0xF) | (((pair[j + 16] >> shift) & 0xF) << 4));
-                        }
-                    }
-                }
-            }
+            Data::Q8_0(g) | Data::Q4_0(g) => g.to_ggml(&mut out),
             Data::Raw(v) => out.extend_from_slice(v),
         }
         out
@@ -327,27 +267,7 @@ impl QMatrix {
                 .iter_mut()
                 .zip(&v[r * c..])
                 .for_each(|(o, &h)| *o = blocks::bf16_to_f32(h)),
-            Data::Q8_0 { qs, d } => {
-                let nb = c / QK;
-                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-                    let s = d[r * nb + b];
-                    let q = &qs[r * c + b * QK..][..QK];
-                    o.iter_mut()
-                        .zip(q)
-                        .for_each(|(o, &q)| *o = f32::from((q ^ 0x80) as i8) * s);
-                }
-            }
-            Data::Q4_0 { qs, d, stride } => {
-                let nb = c / QK;
-                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-                    let s = d[r * nb + b];
-                    let pair = &qs[r * stride + 32 * (b / 2)..][..32];
-                    let shift = 4 * (b % 2);
-                    for (o, &p) in o.iter_mut().zip(pair) {
-                        *o = f32::from(((p >> shift) & 0xF) as i8 - 8) * s;
-                    }
-                }
-            }
+            Data::Q8_0(g) | Data::Q4_0(g) => g.dequantize_row(r, out),
             Data::Raw(v) => {
                 let rb = self.qtype.row_bytes(c).unwrap_or(0);
                 let row = &v[r * rb..(r + 1) * rb];
@@ -415,7 +335,11 @@ impl QMatrix {
         if n == 0 || self.rows == 0 {
             return Ok(());
         }
-        let act = Act::prepare(self.qtype, x, n, self.cols);
+        let act = Act::prepare(level, self.qtype, x, n, self.cols);
+        if let Data::Q8_0(g) | Data::Q4_0(g) = &self.data {
+            grouped_matmul(level, g, &act, n, y);
+            return Ok(());
+        }
         // Row chunks, a few per thread so an uneven split evens out, each a
         // whole number of row tiles; never one task per row.
         let tasks = rayon::current_num_threads().max(1) * 4;
@@ -437,6 +361,55 @@ impl QMatrix {
             }
         }
         Ok(())
+    }
+}
+
+/// Grouped Q8_0/Q4_0 weights times `n` tokens into `y` (`[token][row]`).
+///
+/// Few tokens (decode): each task streams a contiguous band of row groups
+/// (weights are read once, and the threads' streams do not interleave).
+/// Many tokens (a prompt): each task takes a run of tokens and every row
+/// group, so each task writes whole `y` rows; a group's weights (16 x cols
+/// bytes) stay in L2 while the task's tokens pass over them.
+fn grouped_matmul(level: Level, g: &Grouped, act: &Act, n: usize, y: &mut [f32]) {
+    let threads = rayon::current_num_threads().max(1);
+    let rows = g.rows;
+    let groups = g.groups();
+    if n >= 16 {
+        // A few runs per thread so a busy core does not hold up the call;
+        // runs are multiples of 8 tokens (the kernel's tile).
+        let run = n.div_ceil(threads * 4).next_multiple_of(8);
+        y.par_chunks_mut(run * rows).enumerate().for_each(|(i, ys)| {
+            let t0 = i * run;
+            kernels::grouped_range(level, g, act, 0..rows, t0..t0 + ys.len() / rows, ys, rows);
+        });
+        return;
+    }
+    let tasks = (threads * 2).min(groups).max(1);
+    let band = groups.div_ceil(tasks) * G;
+    if n == 1 {
+        y.par_chunks_mut(band).enumerate().for_each(|(i, ys)| {
+            let r0 = i * band;
+            let len = ys.len();
+            kernels::grouped_range(level, g, act, r0..r0 + len, 0..1, ys, len);
+        });
+        return;
+    }
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(band))
+        .into_par_iter()
+        .map(|i| {
+            let r0 = i * band;
+            let len = band.min(rows - r0);
+            let mut t = vec![0f32; n * len];
+            kernels::grouped_range(level, g, act, r0..r0 + len, 0..n, &mut t, len);
+            t
+        })
+        .collect();
+    for (i, t) in parts.iter().enumerate() {
+        let len = t.len() / n;
+        for (j, tj) in t.chunks_exact(len.max(1)).enumerate() {
+            y[j * rows + i * band..][..len].copy_from_slice(tj);
+        }
     }
 }
 

@@ -5,18 +5,23 @@
 //! - [`blocks`]: ggml's encodings and llama.cpp's reference quantisers, block
 //!   by block (the truth every faster path is tested against);
 //! - [`kernels`]: the portable scalar kernels and the activation formats;
-//! - `simd` (x86_64 only): AVX2 and AVX-512 VNNI kernels, picked at run time;
-//!   the one module allowed `unsafe` (raw loads and target-feature calls).
+//! - [`grouped`]: the interleaved load-time layout of Q8_0/Q4_0 weights;
+//! - `simd`, `simd_q` (x86_64 only): AVX2 and AVX-512 VNNI kernels, picked
+//!   at run time; the only modules allowed `unsafe` (raw loads and
+//!   target-feature calls).
 //!
-//! Weights may be held in a layout of our own (Q8_0 and Q4_0 split scales
-//! from quants and store quants unsigned) because that is what the SIMD
-//! kernels want; [`QMatrix::to_ggml`] always gives the exact ggml bytes back.
+//! Weights may be held in a layout of our own (Q8_0 and Q4_0 interleave 16
+//! rows and store quants unsigned) because that is what the SIMD kernels
+//! want; [`QMatrix::to_ggml`] always gives the exact ggml bytes back.
 
 pub(crate) mod blocks;
+mod grouped;
 pub(crate) mod kernels;
 mod matrix;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd_q;
 #[cfg(test)]
 mod tests;
 

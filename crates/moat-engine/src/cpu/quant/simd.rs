@@ -1,5 +1,6 @@
-//! x86_64 SIMD kernels (AVX2+FMA+F16C, and AVX-512 VL + VNNI), chosen at run
-//! time by [`Level`]. The one module of the workspace allowed `unsafe`: raw
+//! x86_64 SIMD kernels for float and K-quant weights (AVX2+FMA+F16C, and
+//! AVX-512 VL + VNNI), chosen at run time by [`Level`]; Q8_0/Q4_0 have theirs
+//! in `simd_q`. One of the two modules allowed `unsafe`: raw
 //! loads from slices whose bounds [`rows`] checks once up front, and calls of
 //! `#[target_feature]` functions after [`Level::available`] said yes.
 //!
@@ -8,11 +9,6 @@
 //! x C tokens: each weight block loaded is used for C tokens and each
 //! activation block for R rows (llamafile's tinyBLAS idea). Accumulators are
 //! 8-lane f32 vectors; each block's integer dot is exact and scaled once.
-//!
-//! Quantised dots are unsigned x signed (`vpdpbusd` / `vpmaddubsw`): weights
-//! are stored unsigned (Q8_0 as q+128, Q4_0 nibbles as q+8), and the
-//! accumulator starts at `-offset * sum(x)` per lane (`Act::corr`), so the
-//! result is the signed dot with no per-block sign fix-up.
 #![allow(unsafe_code)]
 #![allow(
     clippy::needless_range_loop,
@@ -25,7 +21,6 @@ use super::QType;
 use super::kernels::{self, Act, Level};
 use super::matrix::{Data, QMatrix};
 
-const QK: usize = 32;
 const QK_K: usize = 256;
 
 /// Products of weight rows `r0..` (as many as `out` holds) with every token,
@@ -43,19 +38,8 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
         && match &w.data {
             Data::F32(v) => v.len() >= rows_end * cols && act.f.len() >= n * cols,
             Data::F16(v) | Data::Bf16(v) => v.len() >= rows_end * cols && act.f.len() >= n * cols,
-            Data::Q8_0 { qs, d } => {
-                cols % QK == 0
-                    && qs.len() >= rows_end * cols
-                    && d.len() >= rows_end * cols / QK
-                    && q8_act_ok(act)
-            }
-            Data::Q4_0 { qs, d, stride } => {
-                cols % QK == 0
-                    && *stride >= (cols / QK).div_ceil(2) * 32
-                    && qs.len() >= rows_end * stride
-                    && d.len() >= rows_end * cols / QK
-                    && q8_act_ok(act)
-            }
+            // Grouped weights have their own kernels (`simd_q`).
+            Data::Q8_0(_) | Data::Q4_0(_) => false,
             Data::Raw(v) => {
                 let nb = cols / QK_K;
                 cols % QK_K == 0
@@ -71,17 +55,16 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
     }
     let vnni = level == Level::Avx512;
     // Token panel: activations of a panel should sit in L2 (~256 KiB).
-    let act_bytes = if matches!(w.qtype(), QType::Q8_0 | QType::Q4_0) {
+    let act_bytes = if matches!(w.qtype(), QType::Q4K | QType::Q6K) {
         cols
     } else {
         4 * cols
     };
     let panel = (262_144 / act_bytes.max(1)).clamp(4, 256) / 4 * 4;
-    let max_c = if vnni && !matches!(w.data, Data::Raw(_)) {
-        4
-    } else {
-        2
-    };
+    // 4 tokens per tile where AVX-512 gives the tiles 32 vector registers
+    // (the same ymm code, compiled with AVX-512 VL, spills no accumulator);
+    // 2 under AVX2's 16.
+    let max_c = if vnni { 4 } else { 2 };
     for p0 in (0..n).step_by(panel) {
         let p1 = (p0 + panel).min(n);
         let mut rt = 0;
@@ -109,28 +92,12 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
                 // least rows*cols / n*cols long) were checked above.
                 unsafe {
                     match &w.data {
-                        Data::Q8_0 { qs, d } => {
-                            let q = QSrc {
-                                w: qs,
-                                wd: d,
-                                stride: cols,
-                                act,
-                            };
-                            tile_q(vnni, false, rr, cc, &q, &t, out, rt);
-                        }
-                        Data::Q4_0 { qs, d, stride } => {
-                            let q = QSrc {
-                                w: qs,
-                                wd: d,
-                                stride: *stride,
-                                act,
-                            };
-                            tile_q(vnni, true, rr, cc, &q, &t, out, rt);
-                        }
-                        Data::F32(v) => tile_f(Fw::F32(v), rr, cc, &act.f, &t, out, rt),
-                        Data::F16(v) => tile_f(Fw::F16(v), rr, cc, &act.f, &t, out, rt),
-                        Data::Bf16(v) => tile_f(Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
-                        Data::Raw(v) => tile_k(w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
+                        // Not reached: `ok` is false for grouped weights.
+                        Data::Q8_0(_) | Data::Q4_0(_) => {}
+                        Data::F32(v) => tile_f(vnni, Fw::F32(v), rr, cc, &act.f, &t, out, rt),
+                        Data::F16(v) => tile_f(vnni, Fw::F16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Bf16(v) => tile_f(vnni, Fw::Bf16(v), rr, cc, &act.f, &t, out, rt),
+                        Data::Raw(v) => tile_k(vnni, w.qtype() == QType::Q4K, rr, cc, v, act, &t, out, rt),
                     }
                 }
                 ct += cc;
@@ -140,25 +107,12 @@ pub(super) fn rows(level: Level, w: &QMatrix, act: &Act, r0: usize, out: &mut [f
     }
 }
 
-fn q8_act_ok(act: &Act) -> bool {
-    let blocks = act.n * act.cols / QK;
-    act.qs.len() >= act.n * act.cols && act.d.len() >= blocks && act.corr.len() >= blocks * 8
-}
-
 /// Where a tile sits: first weight row `r`, first token `c`.
 struct Tile {
     r: usize,
     c: usize,
     cols: usize,
     n: usize,
-}
-
-struct QSrc<'a> {
-    w: &'a [u8],
-    wd: &'a [f32],
-    /// Bytes per weight row.
-    stride: usize,
-    act: &'a Act,
 }
 
 enum Fw<'a> {
@@ -175,38 +129,6 @@ fn store<const R: usize, const C: usize>(res: [[f32; C]; R], out: &mut [f32], rt
     }
 }
 
-/// # Safety
-/// The level's features are present and the tile lies within the bounds
-/// `rows` checked.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one dispatch point for every tile shape"
-)]
-unsafe fn tile_q(vnni: bool, q4: bool, rr: usize, cc: usize, q: &QSrc, t: &Tile, out: &mut [f32], rt: usize) {
-    macro_rules! go {
-        ($r:literal, $c:literal) => {{
-            // SAFETY: forwarded from this function's contract.
-            let res = unsafe {
-                match (vnni, q4) {
-                    (true, false) => q_vnni::<$r, $c, false>(q, t),
-                    (true, true) => q_vnni::<$r, $c, true>(q, t),
-                    (false, false) => q_avx2::<$r, $c, false>(q, t),
-                    (false, true) => q_avx2::<$r, $c, true>(q, t),
-                }
-            };
-            store::<$r, $c>(res, out, rt, t)
-        }};
-    }
-    match (rr, cc) {
-        (4, 4) => go!(4, 4),
-        (4, 2) => go!(4, 2),
-        (4, _) => go!(4, 1),
-        (_, 4) => go!(1, 4),
-        (_, 2) => go!(1, 2),
-        _ => go!(1, 1),
-    }
-}
-
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
@@ -216,137 +138,43 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Row `row`'s block `b` as 32 unsigned bytes (Q8_0: q+128; Q4_0: nibble).
-///
-/// # Safety
-/// AVX2 present; `row * stride + 32 * (b / 2 or b) + 32 <= w.len()`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn wblock<const Q4: bool>(w: &[u8], stride: usize, row: usize, b: usize) -> __m256i {
-    if Q4 {
-        // SAFETY: the pair (32 bytes) lies inside the row (caller's contract).
-        let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(row * stride + 32 * (b / 2)).cast()) };
-        let v = if b % 2 == 1 { _mm256_srli_epi16(v, 4) } else { v };
-        _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
-    } else {
-        // SAFETY: the block lies inside the row (caller's contract).
-        unsafe { _mm256_loadu_si256(w.as_ptr().add(row * stride + 32 * b).cast()) }
-    }
-}
-
-/// Q8_0/Q4_0 tile with `vpdpbusd`.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI present; rows `t.r..t.r+R` and tokens `t.c..t.c+C`
-/// within the checked bounds.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q_vnni<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &Tile) -> [[f32; C]; R] {
-    let nb = t.cols / QK;
-    let a = q.act;
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    for b in 0..nb {
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut dwv = [_mm256_setzero_ps(); R];
-        for i in 0..R {
-            // SAFETY: row t.r+i < rows_end and block b < nb (contract).
-            wv[i] = unsafe { wblock::<Q4>(q.w, q.stride, t.r + i, b) };
-            // SAFETY: (t.r+i)*nb + b < rows_end*nb <= wd.len().
-            dwv[i] = _mm256_set1_ps(unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) });
-        }
-        for j in 0..C {
-            let blk = (t.c + j) * nb + b;
-            // SAFETY: token t.c+j < n, so its block blk < n*nb: qs has
-            // 32*blk+32 bytes, corr 8*blk+8 lanes, d blk+1 scales.
-            let (xv, cv, dx) = unsafe {
-                (
-                    _mm256_loadu_si256(a.qs.as_ptr().add(blk * QK).cast()),
-                    _mm256_loadu_si256(a.corr.as_ptr().add(blk * 8).cast()),
-                    *a.d.get_unchecked(blk),
-                )
-            };
-            let dxv = _mm256_set1_ps(dx);
-            for i in 0..R {
-                let dot = _mm256_dpbusd_epi32(cv, wv[i], xv);
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dwv[i], dxv), acc[i][j]);
-            }
-        }
-    }
-    let mut res = [[0f32; C]; R];
-    for i in 0..R {
-        for j in 0..C {
-            res[i][j] = hsum(acc[i][j]);
-        }
-    }
-    res
-}
-
-/// Q8_0/Q4_0 tile with AVX2 `vpmaddubsw` (Q8_0 by the sign trick, as its
-/// unsigned form would saturate 16-bit pairs).
-///
-/// # Safety
-/// AVX2+FMA present; tile within the checked bounds.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q_avx2<const R: usize, const C: usize, const Q4: bool>(q: &QSrc, t: &Tile) -> [[f32; C]; R] {
-    let nb = t.cols / QK;
-    let a = q.act;
-    let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    for b in 0..nb {
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut ws = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
-        for i in 0..R {
-            // SAFETY: as in q_vnni.
-            wv[i] = unsafe { wblock::<Q4>(q.w, q.stride, t.r + i, b) };
-            if !Q4 {
-                ws[i] = _mm256_xor_si256(wv[i], flip);
-                wv[i] = _mm256_abs_epi8(ws[i]);
-            }
-            // SAFETY: as in q_vnni.
-            dw[i] = unsafe { *q.wd.get_unchecked((t.r + i) * nb + b) };
-        }
-        for j in 0..C {
-            let blk = (t.c + j) * nb + b;
-            // SAFETY: as in q_vnni.
-            let (xv, cv, dx) = unsafe {
-                (
-                    _mm256_loadu_si256(a.qs.as_ptr().add(blk * QK).cast()),
-                    _mm256_loadu_si256(a.corr.as_ptr().add(blk * 8).cast()),
-                    *a.d.get_unchecked(blk),
-                )
-            };
-            for i in 0..R {
-                let dot = if Q4 {
-                    _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[i], xv), ones), cv)
-                } else {
-                    let sx = _mm256_sign_epi8(xv, ws[i]);
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(wv[i], sx), ones)
-                };
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx), acc[i][j]);
-            }
-        }
-    }
-    let mut res = [[0f32; C]; R];
-    for i in 0..R {
-        for j in 0..C {
-            res[i][j] = hsum(acc[i][j]);
-        }
-    }
-    res
+/// Defines a tile function twice: `$name` with AVX2 (+FMA, F16C) and
+/// `$wide` with AVX-512 F/BW/VL as well, where the same ymm code gets 32
+/// vector registers (so 4-token tiles keep every accumulator in registers).
+/// Both have the contract written above the invocation.
+macro_rules! two_levels {
+    ($name:ident, $wide:ident, $($rest:tt)*) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name $($rest)*
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        unsafe fn $wide $($rest)*
+    };
 }
 
 /// # Safety
 /// AVX2+FMA+F16C present; tile within the checked bounds.
-unsafe fn tile_f(w: Fw, rr: usize, cc: usize, x: &[f32], t: &Tile, out: &mut [f32], rt: usize) {
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one dispatch point for every tile shape"
+)]
+unsafe fn tile_f(wide: bool, w: Fw, rr: usize, cc: usize, x: &[f32], t: &Tile, out: &mut [f32], rt: usize) {
     macro_rules! go {
         ($r:literal, $c:literal) => {{
-            // SAFETY: forwarded from this function's contract.
+            let (p, k) = match w {
+                Fw::F32(v) => (v.as_ptr().cast::<u8>(), 0),
+                Fw::F16(v) => (v.as_ptr().cast::<u8>(), 1),
+                Fw::Bf16(v) => (v.as_ptr().cast::<u8>(), 2),
+            };
+            // SAFETY: forwarded from this function's contract (`wide` only
+            // at the AVX-512 level).
             let res = unsafe {
-                match w {
-                    Fw::F32(v) => f_tile::<$r, $c, 0>(v.as_ptr().cast(), x, t),
-                    Fw::F16(v) => f_tile::<$r, $c, 1>(v.as_ptr().cast(), x, t),
-                    Fw::Bf16(v) => f_tile::<$r, $c, 2>(v.as_ptr().cast(), x, t),
+                match (wide, k) {
+                    (true, 0) => f_tile_w::<$r, $c, 0>(p, x, t),
+                    (true, 1) => f_tile_w::<$r, $c, 1>(p, x, t),
+                    (true, _) => f_tile_w::<$r, $c, 2>(p, x, t),
+                    (false, 0) => f_tile::<$r, $c, 0>(p, x, t),
+                    (false, 1) => f_tile::<$r, $c, 1>(p, x, t),
+                    (false, _) => f_tile::<$r, $c, 2>(p, x, t),
                 }
             };
             store::<$r, $c>(res, out, rt, t)
@@ -398,13 +226,14 @@ unsafe fn wone<const K: u8>(w: *const u8, at: usize) -> f32 {
     }
 }
 
-/// Float-weight tile: FMA over 8 columns at a time, scalar tail.
-///
-/// # Safety
-/// AVX2+FMA+F16C present; `w` holds at least (t.r+R)*cols elements and `x`
-/// (t.c+C)*cols.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
+// Float-weight tile: FMA over 8 columns at a time, scalar tail.
+//
+// # Safety
+// AVX2+FMA+F16C present; `w` holds at least (t.r+R)*cols elements and `x`
+// (t.c+C)*cols.
+two_levels! {
+    f_tile, f_tile_w,
+<const R: usize, const C: usize, const K: u8>(
     w: *const u8,
     x: &[f32],
     t: &Tile,
@@ -441,6 +270,7 @@ unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
     }
     res
 }
+}
 
 /// # Safety
 /// AVX2+FMA present; tile within the checked bounds (`cc` <= 2).
@@ -448,36 +278,51 @@ unsafe fn f_tile<const R: usize, const C: usize, const K: u8>(
     clippy::too_many_arguments,
     reason = "one dispatch point for every tile shape"
 )]
-unsafe fn tile_k(q4k: bool, rr: usize, cc: usize, w: &[u8], act: &Act, t: &Tile, out: &mut [f32], rt: usize) {
+unsafe fn tile_k(
+    wide: bool,
+    q4k: bool,
+    rr: usize,
+    cc: usize,
+    w: &[u8],
+    act: &Act,
+    t: &Tile,
+    out: &mut [f32],
+    rt: usize,
+) {
     macro_rules! go {
         ($r:literal, $c:literal) => {{
-            // SAFETY: forwarded from this function's contract.
+            // SAFETY: forwarded from this function's contract (`wide` only
+            // at the AVX-512 level).
             let res = unsafe {
-                if q4k {
-                    q4k_tile::<$r, $c>(w, act, t)
-                } else {
-                    q6k_tile::<$r, $c>(w, act, t)
+                match (wide, q4k) {
+                    (true, true) => q4k_tile_w::<$r, $c>(w, act, t),
+                    (true, false) => q6k_tile_w::<$r, $c>(w, act, t),
+                    (false, true) => q4k_tile::<$r, $c>(w, act, t),
+                    (false, false) => q6k_tile::<$r, $c>(w, act, t),
                 }
             };
             store::<$r, $c>(res, out, rt, t)
         }};
     }
     match (rr, cc) {
+        (4, 4) => go!(4, 4),
         (4, 2) => go!(4, 2),
         (4, _) => go!(4, 1),
+        (_, 4) => go!(1, 4),
         (_, 2) => go!(1, 2),
         _ => go!(1, 1),
     }
 }
 
-/// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
-/// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
-///
-/// # Safety
-/// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
-/// checked bounds.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+// Q4_K x Q8_K tile: per 32 elements `vpmaddubsw` (nibble x q8) then
+// `vpmaddwd` by the sub-block scale; mins through the Q8_K block sums.
+//
+// # Safety
+// AVX2+FMA present; rows `t.r..t.r+R` and tokens `t.c..t.c+C` within the
+// checked bounds.
+two_levels! {
+    q4k_tile, q4k_tile_w,
+<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
     let nb = t.cols / QK_K;
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -560,15 +405,17 @@ unsafe fn q4k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
     }
     res
 }
+}
 
-/// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
-/// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
-/// off through the Q8_K block sums.
-///
-/// # Safety
-/// AVX2+FMA present; tile within the checked bounds.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
+// Q6_K x Q8_K tile: 6-bit quants rebuilt unsigned (q+32) from ql/qh, then
+// `vpmaddubsw` and `vpmaddwd` by [scale of 16 | next scale]; the +32 comes
+// off through the Q8_K block sums.
+//
+// # Safety
+// AVX2+FMA present; tile within the checked bounds.
+two_levels! {
+    q6k_tile, q6k_tile_w,
+<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) -> [[f32; C]; R] {
     let nb = t.cols / QK_K;
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x03);
@@ -656,6 +503,7 @@ unsafe fn q6k_tile<const R: usize, const C: usize>(w: &[u8], a: &Act, t: &Tile) 
         }
     }
     res
+}
 }
 
 pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

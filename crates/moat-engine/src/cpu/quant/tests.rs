@@ -247,7 +247,7 @@ fn all_zero_blocks_quantise_to_zero() {
 fn expected(m: &QMatrix, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
     let (rows, cols) = (m.rows(), m.cols());
     let w = dequant(m);
-    let act = Act::prepare(m.qtype(), x, n, cols);
+    let act = Act::prepare(Level::Scalar, m.qtype(), x, n, cols);
     let xd: Vec<f32> = match m.qtype() {
         QType::F32 | QType::F16 | QType::BF16 => act.f.clone(),
         t => {
@@ -443,5 +443,103 @@ fn dot_and_axpy() {
         for i in 0..len {
             assert!((y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6, "len {len} [{i}]");
         }
+    }
+}
+
+#[test]
+fn q8_activation_quantisation_is_the_same_at_every_level() {
+    let mut rng = Rng(8);
+    let cols = 96;
+    let mut x = rng.vec(4 * cols);
+    // A block whose scale is exactly 1: quants are x rounded, and the
+    // halves must go away from zero as f32::round does.
+    for (i, v) in x[..32].iter_mut().enumerate() {
+        *v = i as f32 - 15.5;
+    }
+    x[31] = -127.0;
+    // An all-zero block and one of a single tiny value.
+    x[32..64].iter_mut().for_each(|v| *v = 0.0);
+    x[64..96].iter_mut().for_each(|v| *v = 0.0);
+    x[70] = 1e-30;
+    for t in [QType::Q8_0, QType::Q4_0] {
+        let want = Act::prepare(Level::Scalar, t, &x, 4, cols);
+        assert_eq!(
+            &want.qs[..31],
+            &(0..31)
+                .map(|i| {
+                    let v = i as f32 - 15.5;
+                    v.round() as i8
+                })
+                .collect::<Vec<_>>()[..]
+        );
+        for &l in &Level::all_available() {
+            let got = Act::prepare(l, t, &x, 4, cols);
+            assert_eq!(got.qs, want.qs, "{l:?} {t:?}");
+            assert_eq!(got.d, want.d, "{l:?} {t:?}");
+            assert_eq!(got.corr, want.corr, "{l:?} {t:?}");
+        }
+    }
+}
+
+#[test]
+fn grouped_rows_and_token_runs_at_every_level() {
+    // Rows around the 16-row group, tokens around the 8-token tile and the
+    // 16-token switch from row bands to token runs, on pools of 1 and 3
+    // threads (bands and runs of uneven sizes).
+    let mut rng = Rng(9);
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for t in [QType::Q8_0, QType::Q4_0] {
+            for rows in [1, 15, 16, 17, 48, 67] {
+                let cols = 96;
+                let m = QMatrix::from_f32(t, rows, cols, &rng.vec(rows * cols)).unwrap();
+                for n in [1, 7, 8, 9, 15, 16, 24, 33] {
+                    let x = rng.vec(n * cols);
+                    let (want, mag) = expected(&m, &x, n);
+                    for &l in &Level::all_available() {
+                        let mut y = vec![f32::NAN; n * rows];
+                        pool.install(|| m.matmul_at(l, &x, n, &mut y)).unwrap();
+                        check_close(
+                            t,
+                            &y,
+                            &want,
+                            &mag,
+                            &format!("{l:?} {rows}x{cols} n={n} threads={threads}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn concat_rows_of_whole_and_partial_groups() {
+    let mut rng = Rng(10);
+    for t in [QType::Q8_0, QType::Q4_0] {
+        let cols = 64;
+        let parts: Vec<Vec<f32>> = [16, 5, 16, 32].iter().map(|&r| rng.vec(r * cols)).collect();
+        let mats: Vec<QMatrix> = parts
+            .iter()
+            .map(|p| QMatrix::from_f32(t, p.len() / cols, cols, p).unwrap())
+            .collect();
+        let all: Vec<f32> = parts.concat();
+        let whole = QMatrix::from_f32(t, 69, cols, &all).unwrap();
+        let cat = QMatrix::concat_rows(mats).unwrap();
+        assert_eq!(cat.rows(), 69);
+        assert_eq!(cat.to_ggml(), whole.to_ggml(), "{t:?}");
+        let x = rng.vec(3 * cols);
+        let (mut y1, mut y2) = (vec![0f32; 3 * 69], vec![0f32; 3 * 69]);
+        cat.matmul(&x, 3, &mut y1).unwrap();
+        whole.matmul(&x, 3, &mut y2).unwrap();
+        assert_eq!(y1, y2, "{t:?}");
+        let mut row = vec![0f32; cols];
+        cat.dequantize_row(20, &mut row).unwrap();
+        let mut row2 = vec![0f32; cols];
+        whole.dequantize_row(20, &mut row2).unwrap();
+        assert_eq!(row, row2);
     }
 }
