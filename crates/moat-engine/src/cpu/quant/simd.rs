@@ -346,6 +346,15 @@ two_levels! {
             // SAFETY: m16 is 32 bytes.
             mins[i] = unsafe { _mm256_loadu_si256(m16.as_ptr().cast()) };
             base[i] = blk.as_ptr();
+            if C == 1 {
+                // Decode streams each weight once: fetch this block of the
+                // next tile's rows (R rows further) while this one computes,
+                // which the hardware prefetchers do not across pages.
+                let ahead = blk.as_ptr().wrapping_add(R * nb * 144);
+                for o in (0..144).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
+                }
+            }
         }
         let mut isum = [[_mm256_setzero_si256(); C]; R];
         for k in 0..4 {
@@ -437,6 +446,15 @@ two_levels! {
             // SAFETY: sc[i] is 32 bytes.
             sc16[i] = unsafe { _mm256_loadu_si256(sc[i].as_ptr().cast()) };
             base[i] = blk.as_ptr();
+            if C == 1 {
+                // Decode streams each weight once: fetch this block of the
+                // next tile's rows (R rows further) while this one computes,
+                // which the hardware prefetchers do not across pages.
+                let ahead = blk.as_ptr().wrapping_add(R * nb * 210);
+                for o in (0..210).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
+                }
+            }
         }
         let mut isum = [[_mm256_setzero_si256(); C]; R];
         for h in 0..2 {
