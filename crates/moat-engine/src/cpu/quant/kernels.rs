@@ -324,3 +324,46 @@ pub(crate) fn axpy_f32(level: Level, a: f32, x: &[f32], y: &mut [f32]) {
         _ => y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x),
     }
 }
+
+/// See `matrix::scores_f32` (bounds already checked).
+pub(crate) fn scores_f32(
+    level: Level,
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    off: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd::scores_f32(q, keys, stride, off, scale, out),
+        _ => {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = dot_plain(q, &keys[j * stride + off..][..q.len()]) * scale;
+            }
+        }
+    }
+}
+
+/// See `matrix::weighted_sum_f32` (bounds already checked).
+pub(crate) fn weighted_sum_f32(
+    level: Level,
+    p: &[f32],
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => super::simd::weighted_sum_f32(p, values, stride, off, out),
+        _ => {
+            let d = out.len();
+            for (j, &pj) in p.iter().enumerate() {
+                let v = &values[j * stride + off..][..d];
+                out.iter_mut().zip(v).for_each(|(o, &v)| *o += pj * v);
+            }
+        }
+    }
+}

@@ -423,3 +423,68 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
     kernels::axpy_f32(Level::detect(), a, x, y)
 }
+
+/// Whether rows `0..n` of width `w` at `j*stride + off` lie within `len`.
+fn rows_fit(n: usize, w: usize, stride: usize, off: usize, len: usize) -> bool {
+    n == 0
+        || (n - 1)
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(off))
+            .and_then(|v| v.checked_add(w))
+            .is_some_and(|end| end <= len)
+}
+
+/// Attention scores of one query against `out.len()` cached keys:
+/// `out[j] = scale * (q . keys[j*stride + off..][..q.len()])` (keys of one
+/// KV head inside rows of `stride` floats). One call per (token, head)
+/// instead of one per key: the query stays in registers across four keys
+/// at a time.
+pub fn scores_f32(
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    off: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    if !rows_fit(out.len(), q.len(), stride, off, keys.len()) {
+        return Err(QuantError::Size {
+            what: format!(
+                "attention scores: {} keys of {} at stride {stride} offset {off}",
+                out.len(),
+                q.len()
+            ),
+            expected: out.len().saturating_sub(1) * stride + off + q.len(),
+            got: keys.len(),
+            unit: "floats",
+        });
+    }
+    kernels::scores_f32(Level::detect(), q, keys, stride, off, scale, out);
+    Ok(())
+}
+
+/// Attention's weighted sum of values: `out += sum_j p[j] *
+/// values[j*stride + off..][..out.len()]`. One call per (token, head): the
+/// output stays in registers while every value row passes.
+pub fn weighted_sum_f32(
+    p: &[f32],
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    if !rows_fit(p.len(), out.len(), stride, off, values.len()) {
+        return Err(QuantError::Size {
+            what: format!(
+                "attention values: {} rows of {} at stride {stride} offset {off}",
+                p.len(),
+                out.len()
+            ),
+            expected: p.len().saturating_sub(1) * stride + off + out.len(),
+            got: values.len(),
+            unit: "floats",
+        });
+    }
+    kernels::weighted_sum_f32(Level::detect(), p, values, stride, off, out);
+    Ok(())
+}

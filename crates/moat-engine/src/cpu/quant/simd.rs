@@ -346,6 +346,15 @@ two_levels! {
             // SAFETY: m16 is 32 bytes.
             mins[i] = unsafe { _mm256_loadu_si256(m16.as_ptr().cast()) };
             base[i] = blk.as_ptr();
+            if C == 1 {
+                // Decode streams each weight once: fetch this block of the
+                // next tile's rows (R rows further) while this one computes,
+                // which the hardware prefetchers do not across pages.
+                let ahead = blk.as_ptr().wrapping_add(R * nb * 144);
+                for o in (0..144).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
+                }
+            }
         }
         let mut isum = [[_mm256_setzero_si256(); C]; R];
         for k in 0..4 {
@@ -437,6 +446,15 @@ two_levels! {
             // SAFETY: sc[i] is 32 bytes.
             sc16[i] = unsafe { _mm256_loadu_si256(sc[i].as_ptr().cast()) };
             base[i] = blk.as_ptr();
+            if C == 1 {
+                // Decode streams each weight once: fetch this block of the
+                // next tile's rows (R rows further) while this one computes,
+                // which the hardware prefetchers do not across pages.
+                let ahead = blk.as_ptr().wrapping_add(R * nb * 210);
+                for o in (0..210).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
+                }
+            }
         }
         let mut isum = [[_mm256_setzero_si256(); C]; R];
         for h in 0..2 {
@@ -571,5 +589,99 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     }
     for k in i..n {
         y[k] += a * x[k];
+    }
+}
+
+/// `out[j] = scale * (q . keys[j*stride + off..][..q.len()])`; the caller
+/// checked that every key lies within `keys`.
+pub(super) fn scores_f32(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, out: &mut [f32]) {
+    // SAFETY: kernels::scores_f32 dispatches here only for a SIMD level
+    // whose features (AVX2+FMA) were detected, after checking the bounds.
+    unsafe { scores_avx2(q, keys, stride, off, scale, out) }
+}
+
+/// # Safety
+/// AVX2+FMA present; `(out.len()-1)*stride + off + q.len() <= keys.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    let d8 = d / 8 * 8;
+    let kp = keys.as_ptr();
+    let mut j = 0;
+    // Four keys at a time: the query vector loaded once serves four dots.
+    while j + 4 <= out.len() {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut e = 0;
+        while e < d8 {
+            // SAFETY: e + 8 <= d elements of q and of each key (contract).
+            let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(e)) };
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: key j+i < out.len() lies within keys (contract).
+                let kv = unsafe { _mm256_loadu_ps(kp.add((j + i) * stride + off + e)) };
+                *a = _mm256_fmadd_ps(qv, kv, *a);
+            }
+            e += 8;
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let mut s = hsum(*a);
+            for e in d8..d {
+                s += q[e] * keys[(j + i) * stride + off + e];
+            }
+            out[j + i] = s * scale;
+        }
+        j += 4;
+    }
+    while j < out.len() {
+        // SAFETY: key j lies within keys (contract).
+        let k = unsafe { std::slice::from_raw_parts(kp.add(j * stride + off), d) };
+        // SAFETY: AVX2+FMA present (this function's contract); equal lengths.
+        out[j] = unsafe { dot_avx2(q, k) } * scale;
+        j += 1;
+    }
+}
+
+/// `out += sum_j p[j] * values[j*stride + off..][..out.len()]`; the caller
+/// checked that every value row lies within `values`.
+pub(super) fn weighted_sum_f32(p: &[f32], values: &[f32], stride: usize, off: usize, out: &mut [f32]) {
+    // SAFETY: dispatched only for a detected SIMD level (AVX2+FMA), after
+    // the bounds check.
+    unsafe { weighted_sum_avx2(p, values, stride, off, out) }
+}
+
+/// # Safety
+/// AVX2+FMA present; `(p.len()-1)*stride + off + out.len() <= values.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(p: &[f32], values: &[f32], stride: usize, off: usize, out: &mut [f32]) {
+    const W: usize = 8; // 8 vectors = 64 floats held in registers
+    let d = out.len();
+    let vp = values.as_ptr();
+    let mut c0 = 0;
+    // Columns in slabs of 64: the slab of `out` stays in registers while
+    // every value row passes, and is stored once.
+    while c0 + 8 <= d {
+        let nv = ((d - c0) / 8).min(W);
+        let mut acc = [_mm256_setzero_ps(); W];
+        for (i, a) in acc.iter_mut().enumerate().take(nv) {
+            // SAFETY: c0 + 8i + 8 <= d.
+            *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(c0 + 8 * i)) };
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            let row = j * stride + off + c0;
+            for (i, a) in acc.iter_mut().enumerate().take(nv) {
+                // SAFETY: row + 8i + 8 <= j*stride + off + d (contract).
+                *a = _mm256_fmadd_ps(pv, unsafe { _mm256_loadu_ps(vp.add(row + 8 * i)) }, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate().take(nv) {
+            // SAFETY: as for the loads from out.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * i), *a) };
+        }
+        c0 += 8 * nv;
+    }
+    for c in c0..d {
+        for (j, &pj) in p.iter().enumerate() {
+            out[c] += pj * values[j * stride + off + c];
+        }
     }
 }

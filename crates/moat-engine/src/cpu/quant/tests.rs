@@ -543,3 +543,79 @@ fn concat_rows_of_whole_and_partial_groups() {
         assert_eq!(row, row2);
     }
 }
+
+#[test]
+fn attention_scores_and_weighted_sums() {
+    let mut rng = Rng(11);
+    for d in [1, 7, 8, 64, 128, 130] {
+        for keys in [0, 1, 3, 4, 5, 9, 33] {
+            let (stride, off) = (3 * d + 5, d + 2);
+            let cache = rng.vec(keys * stride + 1);
+            let q = rng.vec(d);
+            let mut s = vec![f32::NAN; keys];
+            // Exactly as long as the last key needs.
+            let end = if keys == 0 {
+                0
+            } else {
+                (keys - 1) * stride + off + d
+            };
+            scores_f32(&q, &cache[..end], stride, off, 0.5, &mut s).unwrap();
+            for j in 0..keys {
+                let k = &cache[j * stride + off..][..d];
+                let want: f64 = q
+                    .iter()
+                    .zip(k)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>()
+                    * 0.5;
+                let mag: f64 = q
+                    .iter()
+                    .zip(k)
+                    .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
+                    .sum();
+                assert!(
+                    (f64::from(s[j]) - want).abs() <= mag * 1e-6 + 1e-7,
+                    "d {d} keys {keys} [{j}]"
+                );
+            }
+            let p = rng.vec(keys);
+            let mut out = rng.vec(d);
+            let mut want: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
+            for (j, &pj) in p.iter().enumerate() {
+                for c in 0..d {
+                    want[c] += f64::from(pj) * f64::from(cache[j * stride + off + c]);
+                }
+            }
+            for &l in &Level::all_available() {
+                let mut sl = vec![f32::NAN; keys];
+                super::kernels::scores_f32(l, &q, &cache, stride, off, 0.5, &mut sl);
+                for j in 0..keys {
+                    assert!(
+                        (sl[j] - s[j]).abs() <= 1e-5 * (1.0 + s[j].abs()),
+                        "{l:?} d {d} [{j}]"
+                    );
+                }
+                let mut ol = out.clone();
+                super::kernels::weighted_sum_f32(l, &p, &cache, stride, off, &mut ol);
+                for c in 0..d {
+                    assert!(
+                        (f64::from(ol[c]) - want[c]).abs() <= 1e-4,
+                        "{l:?} d {d} keys {keys} [{c}]"
+                    );
+                }
+            }
+            weighted_sum_f32(&p, &cache, stride, off, &mut out).unwrap();
+            for c in 0..d {
+                assert!(
+                    (f64::from(out[c]) - want[c]).abs() <= 1e-4,
+                    "d {d} keys {keys} [{c}]"
+                );
+            }
+        }
+    }
+    // A key or value row past the end is an error naming the sizes.
+    let e = scores_f32(&[1.0; 4], &[0.0; 10], 4, 3, 1.0, &mut [0.0; 2]).unwrap_err();
+    assert!(e.to_string().contains("expected 11"), "{e}");
+    assert!(weighted_sum_f32(&[1.0; 2], &[0.0; 10], 4, 3, &mut [0.0; 4]).is_err());
+    assert!(weighted_sum_f32(&[], &[], 4, 3, &mut [0.0; 4]).is_ok());
+}
