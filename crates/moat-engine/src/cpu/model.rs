@@ -17,7 +17,7 @@
 //! - the token embedding stays in its file encoding and rows are decoded on
 //!   lookup (candle's quantised Qwen2 expanded it to F32: 0.9 GB on 1.5B).
 
-use super::quant::{QMatrix, axpy_f32, dot_f32};
+use super::quant::{QMatrix, scores_f32, weighted_sum_f32};
 use super::{BatchModel, KvCache, SeqInput, check_batch};
 use crate::error::EngineError;
 use rayon::prelude::*;
@@ -389,27 +389,28 @@ impl Model {
 
             // One task per (token, head): scores over the cache, softmax,
             // weighted sum of values.
-            att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-                let (t, head) = (idx / cfg.heads, idx % cfg.heads);
-                let (s, pos) = where_[t];
-                let (ks, vs) = caches[s];
-                let kvh = head / group;
-                let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let mut scores: Vec<f32> = (first..=pos)
-                    .map(|j| dot_f32(qh, &ks[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                out.fill(0.0);
-                for (j, p) in (first..=pos).zip(&scores) {
-                    axpy_f32(p / sum, &vs[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd], out);
-                }
-            });
+            att.par_chunks_mut(hd)
+                .enumerate()
+                .try_for_each(|(idx, out)| {
+                    let (t, head) = (idx / cfg.heads, idx % cfg.heads);
+                    let (s, pos) = where_[t];
+                    let (ks, vs) = caches[s];
+                    let kvh = head / group;
+                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let mut scores = vec![0f32; pos + 1 - first];
+                    scores_f32(qh, &ks[first * kvd..], kvd, kvh * hd, scale, &mut scores)?;
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    scores.iter_mut().for_each(|s| *s /= sum);
+                    out.fill(0.0);
+                    weighted_sum_f32(&scores, &vs[first * kvd..], kvd, kvh * hd, out)
+                })
+                .map_err(|e| EngineError::Inference(format!("attention: {e}")))?;
             mm(&layer.o, &att, n, &mut proj)?;
             add_into(&mut x, &proj);
 
