@@ -7,7 +7,7 @@
 #   bench/engine.sh
 #
 # For each type, alternating llama.cpp and moat, ROUNDS times:
-#   llama.cpp: llama-bench -t $THREADS -p 512 -n 64 -r 3
+#   llama.cpp: llama-bench -t $THREADS -p 512 -n 0 -r 3, then -p 0 -n 64 -d 512 -r 3
 #   moat:      probe --model F --threads $THREADS bench --prompt-tokens 512 --gen-tokens 64 --reps 3
 # then moat's aggregate decode with 8 concurrent streams vs 1 (probe
 # `bench --streams 8`: 8 sequences decoded by one batched forward per step),
@@ -97,15 +97,20 @@ done
 for round in $(seq 1 "$ROUNDS"); do
   for q in $TYPES; do
     log "round $round/$ROUNDS, $q: llama-bench"
-    "$LLAMA/bin/llama-bench" -m "$models/model-$q.gguf" -t "$THREADS" -p 512 -n 64 -r 3 -o json \
-      >"$WORK/llama-bench-$q-$round.json" 2>"$WORK/llama-bench-$q-$round.log" \
+    # Two runs so both engines measure the same thing: prompt processing from
+    # an empty cache, and decode after the 512-token prompt (-d 512; probe
+    # decodes after its prompt, llama-bench's plain tg64 starts empty).
+    "$LLAMA/bin/llama-bench" -m "$models/model-$q.gguf" -t "$THREADS" -p 512 -n 0 -r 3 -o json \
+      >"$WORK/llama-bench-pp-$q-$round.json" 2>"$WORK/llama-bench-$q-$round.log" \
       || { tail -20 "$WORK/llama-bench-$q-$round.log" >&2; exit 1; }
-    "$PY" - "$WORK/llama-bench-$q-$round.json" "$q" >>"$results" <<'EOF'
+    "$LLAMA/bin/llama-bench" -m "$models/model-$q.gguf" -t "$THREADS" -p 0 -n 64 -d 512 -r 3 -o json \
+      >"$WORK/llama-bench-tg-$q-$round.json" 2>>"$WORK/llama-bench-$q-$round.log" \
+      || { tail -20 "$WORK/llama-bench-$q-$round.log" >&2; exit 1; }
+    "$PY" - "$WORK/llama-bench-pp-$q-$round.json" "$WORK/llama-bench-tg-$q-$round.json" "$q" >>"$results" <<'EOF'
 import json, sys
-runs = json.load(open(sys.argv[1]))
-pp = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
-print(json.dumps({"kind": "llama.cpp", "type": sys.argv[2], "prompt_tok_s": pp, "decode_tok_s": tg}))
+pp = json.load(open(sys.argv[1]))[0]["avg_ts"]
+tg = json.load(open(sys.argv[2]))[0]["avg_ts"]
+print(json.dumps({"kind": "llama.cpp", "type": sys.argv[3], "prompt_tok_s": pp, "decode_tok_s": tg}))
 EOF
     if [ -n "$PROBE" ]; then
       log "round $round/$ROUNDS, $q: moat probe bench"
