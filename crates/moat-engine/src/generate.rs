@@ -10,9 +10,7 @@
 use crate::cpu::BatchModel;
 use crate::error::EngineError;
 use crate::load::{LoadOptions, load_engine};
-use crate::request::{
-    ChatRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Prompt, ROLES, ValidRequest,
-};
+use crate::request::{ChatRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Prompt, ValidRequest};
 use crate::sampling::SamplingParams;
 use crate::sched::{SchedOptions, Scheduler, TextSide};
 use crate::template::ChatTemplate;
@@ -385,24 +383,7 @@ impl Engine {
     }
 
     fn chat_prompt(&self, req: &ChatRequest) -> Result<(Vec<u32>, bool), EngineError> {
-        if req.messages.is_empty() {
-            return Err(EngineError::invalid(
-                Some("messages"),
-                "messages must hold at least one message",
-            ));
-        }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(EngineError::invalid(
-                    Some("messages"),
-                    format!(
-                        "messages[{i}].role: {:?} is not one of {}",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
-                ));
-            }
-        }
+        crate::request::check_messages(req)?;
         let messages: Vec<(String, String)> = req
             .messages
             .iter()

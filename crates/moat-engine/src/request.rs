@@ -112,3 +112,27 @@ impl ValidRequest {
 }
 
 pub(crate) const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// The checks on `messages` every backend makes: at least one, each with a
+/// known role.
+pub(crate) fn check_messages(req: &ChatRequest) -> Result<(), crate::EngineError> {
+    if req.messages.is_empty() {
+        return Err(crate::EngineError::invalid(
+            Some("messages"),
+            "messages must hold at least one message",
+        ));
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(crate::EngineError::invalid(
+                Some("messages"),
+                format!(
+                    "messages[{i}].role: {:?} is not one of {}",
+                    m.role,
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -448,25 +448,9 @@ pub async fn chat_completions(
         stream,
     )
     .await?;
-    let a = match admitted {
-        Ok(a) => a,
-        Err(refused) => return Ok(refused),
-    };
-    let shape = Shape {
-        api: Api::Chat,
-        id: format!("chatcmpl-{}", ctx.request_id),
-        created: unix_now(),
-        model: a.engine.name().to_owned(),
-        fingerprint: fingerprint(&a.engine),
-        include_usage: req.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
-        n: req.n.unwrap_or(1).max(1) as usize,
-    };
-    let resp = if stream {
-        stream_response(state, a.engine, a.events, ctx, shape)
-    } else {
-        complete_response(&state, a.engine, a.events, ctx, shape).await?
-    };
-    Ok(with_token_headers(resp, a.token_headers))
+    let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    let n = req.n.unwrap_or(1).max(1) as usize;
+    respond(state, admitted, ctx, Api::Chat, include_usage, n, stream).await
 }
 
 /// `POST /v1/completions`: a plain completion of one prompt (text or token
@@ -497,18 +481,38 @@ pub async fn completions(
         stream,
     )
     .await?;
+    let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    let n = req.n.unwrap_or(1).max(1) as usize;
+    respond(state, admitted, ctx, Api::Completion, include_usage, n, stream).await
+}
+
+/// The answer to an admitted request, streamed or whole, in `api`'s shape
+/// (the id prefix follows OpenAI's: `chatcmpl-` or `cmpl-`).
+async fn respond(
+    state: Arc<AppState>,
+    admitted: Result<Admitted, Response>,
+    ctx: Arc<RequestContext>,
+    api: Api,
+    include_usage: bool,
+    n: usize,
+    stream: bool,
+) -> Result<Response, ApiError> {
     let a = match admitted {
         Ok(a) => a,
         Err(refused) => return Ok(refused),
     };
+    let prefix = match api {
+        Api::Chat => "chatcmpl",
+        Api::Completion => "cmpl",
+    };
     let shape = Shape {
-        api: Api::Completion,
-        id: format!("cmpl-{}", ctx.request_id),
+        api,
+        id: format!("{prefix}-{}", ctx.request_id),
         created: unix_now(),
         model: a.engine.name().to_owned(),
         fingerprint: fingerprint(&a.engine),
-        include_usage: req.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
-        n: req.n.unwrap_or(1).max(1) as usize,
+        include_usage,
+        n,
     };
     let resp = if stream {
         stream_response(state, a.engine, a.events, ctx, shape)

@@ -28,7 +28,7 @@ pub use config::{ApiKey, BaseUrl, PoolConfig, UpstreamConfig, tls_client_config}
 
 use crate::error::EngineError;
 use crate::generate::Event;
-use crate::request::{ChatRequest, ROLES};
+use crate::request::ChatRequest;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -287,24 +287,7 @@ impl UpstreamPool {
     /// Checks that need no tokenizer (the upstream does the rest and its
     /// 400s are relayed).
     fn validate(&self, req: &ChatRequest) -> Result<(), EngineError> {
-        if req.messages.is_empty() {
-            return Err(EngineError::invalid(
-                Some("messages"),
-                "messages must hold at least one message",
-            ));
-        }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(EngineError::invalid(
-                    Some("messages"),
-                    format!(
-                        "messages[{i}].role: {:?} is not one of {}",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
-                ));
-            }
-        }
+        crate::request::check_messages(req)?;
         crate::generate::check_sampling(req)?;
         // The relay speaks chat with one choice and no log-probabilities;
         // refused rather than silently answered differently.
