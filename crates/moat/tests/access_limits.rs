@@ -281,7 +281,8 @@ fn stream_in_background(base: &str, key: &str, max_tokens: u64) -> std::thread::
             &base,
             &key,
             "m",
-            json!({"max_tokens": max_tokens, "stream": true}),
+            // Fixed length: the random demo model may emit its EOS early.
+            json!({"max_tokens": max_tokens, "stream": true, "ignore_eos": true}),
         )
         .0
     })
@@ -310,10 +311,11 @@ fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
     let a = Server::start(&a_dir, &config);
     let b = Server::start(&b_dir, &config);
     // Two streams on replica A hold both of the key's slots: a short one
-    // (about 1 s of the demo model) and a long one (several seconds).
-    let short = stream_in_background(&a.base, &key, 500);
+    // (1500 tokens: over a second even for the batching engine on the tiny
+    // demo model) and a long one (4000 tokens, the context's worth).
+    let short = stream_in_background(&a.base, &key, 1500);
     std::thread::sleep(Duration::from_millis(100));
-    let long = stream_in_background(&a.base, &key, 3000);
+    let long = stream_in_background(&a.base, &key, 4000);
     std::thread::sleep(Duration::from_millis(400));
     // The third, on replica B, is refused: without sharing B would admit it.
     assert!(!short.is_finished(), "the short stream ended before the check");
@@ -347,6 +349,7 @@ fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 3000,
         "stream": true,
+        "ignore_eos": true,
     })
     .to_string();
     let mut tcp = TcpStream::connect(b.base.trim_start_matches("http://")).unwrap();
