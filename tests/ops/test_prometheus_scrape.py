@@ -39,7 +39,7 @@ def test_prometheus_scrapes_moat_under_load(moat, prometheus):
         for j in range(3):
             statuses.append(chat(moat, stream=(j == 1))[0])
         statuses.append(moat.request("POST", "/v1/chat/completions", {"model": "demo"}, key=None)[0])
-        statuses.append(chat(moat, n=2)[0])
+        statuses.append(chat(moat, n=99)[0])  # over engine.max_n: 400
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
     for t in threads:
