@@ -269,7 +269,7 @@ fn explicit_control_pulls_switches_and_drains() {
     let key = admin.clone();
     // More decoding than the DELETE takes to arrive (see drain.rs).
     let streaming = std::thread::spawn(move || {
-        let body = stream_chat(&addr, &key, "m", 1000);
+        let body = stream_chat(&addr, &key, "m", 4000);
         (body, Instant::now())
     });
     std::thread::sleep(Duration::from_millis(300));

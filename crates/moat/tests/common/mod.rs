@@ -413,7 +413,7 @@ pub fn now() -> u64 {
 /// close`); everything the server sent until it closed the connection.
 pub fn stream_chat(addr: &str, key: &str, model: &str, max_tokens: u32) -> String {
     let body = format!(
-        r#"{{"model":"{model}","stream":true,"max_tokens":{max_tokens},"temperature":1.0,"seed":7,"messages":[{{"role":"user","content":"count"}}]}}"#
+        r#"{{"model":"{model}","stream":true,"max_tokens":{max_tokens},"ignore_eos":true,"temperature":1.0,"seed":7,"messages":[{{"role":"user","content":"count"}}]}}"#
     );
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
