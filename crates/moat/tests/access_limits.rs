@@ -352,22 +352,35 @@ fn max_concurrent_is_one_budget_for_two_replicas_through_redis() {
         "ignore_eos": true,
     })
     .to_string();
-    let mut tcp = TcpStream::connect(b.base.trim_start_matches("http://")).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        tcp,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data:") {
-        let n = tcp.read(&mut buf).unwrap();
-        assert!(n > 0, "stream closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    // The slot of B's last short answer is released just after its body
+    // ends (asynchronously, by design): retry a 429 for a moment.
+    let open = || {
+        let mut tcp = TcpStream::connect(b.base.trim_start_matches("http://")).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            tcp,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("data:") && !seen.starts_with(b"HTTP/1.1 429") {
+            let n = tcp.read(&mut buf).unwrap();
+            assert!(n > 0, "stream closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        (tcp, seen)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (tcp, seen) = loop {
+        let (tcp, seen) = open();
+        if !seen.starts_with(b"HTTP/1.1 429") || Instant::now() > deadline {
+            break (tcp, seen);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     let (status, body) = chat(&a.base, &key, "m", json!({"max_tokens": 5}));
     assert_eq!(status, 429, "{body}");
