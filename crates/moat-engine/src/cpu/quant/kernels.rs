@@ -309,22 +309,6 @@ pub(crate) fn q6k_block_dot(blk: &[u8], xq: &[i8]) -> i32 {
     isum
 }
 
-pub(crate) fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 | Level::Avx512 => super::simd::dot_f32(a, b),
-        _ => dot_plain(a, b),
-    }
-}
-
-pub(crate) fn axpy_f32(level: Level, a: f32, x: &[f32], y: &mut [f32]) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 | Level::Avx512 => super::simd::axpy_f32(a, x, y),
-        _ => y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x),
-    }
-}
-
 /// See `matrix::scores_f32` (bounds already checked).
 pub(crate) fn scores_f32(
     level: Level,

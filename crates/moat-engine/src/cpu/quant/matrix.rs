@@ -413,17 +413,6 @@ fn grouped_matmul(level: Level, g: &Grouped, act: &Act, n: usize, y: &mut [f32])
     }
 }
 
-/// `sum a[i]*b[i]` over the shorter length, SIMD where the CPU has it
-/// (attention scores).
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    kernels::dot_f32(Level::detect(), a, b)
-}
-
-/// `y[i] += a * x[i]` over the shorter length (attention's value sum).
-pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    kernels::axpy_f32(Level::detect(), a, x, y)
-}
-
 /// Whether rows `0..n` of width `w` at `j*stride + off` lie within `len`.
 fn rows_fit(n: usize, w: usize, stride: usize, off: usize, len: usize) -> bool {
     n == 0

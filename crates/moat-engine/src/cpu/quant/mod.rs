@@ -26,7 +26,7 @@ mod simd_q;
 mod tests;
 
 pub use kernels::Level;
-pub use matrix::{QMatrix, QuantError, axpy_f32, dot_f32, scores_f32, weighted_sum_f32};
+pub use matrix::{QMatrix, QuantError, scores_f32, weighted_sum_f32};
 
 /// A weight encoding, named and laid out as ggml does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

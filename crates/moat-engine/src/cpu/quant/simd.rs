@@ -524,13 +524,6 @@ two_levels! {
 }
 }
 
-pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    // SAFETY: kernels::dot_f32 dispatches here only for a SIMD level whose
-    // features (AVX2+FMA) were detected; both slices hold n elements.
-    unsafe { dot_avx2(&a[..n], &b[..n]) }
-}
-
 /// # Safety
 /// AVX2+FMA present; `a.len() == b.len()`.
 #[target_feature(enable = "avx2,fma")]
@@ -559,37 +552,6 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         s += a[k] * b[k];
     }
     s
-}
-
-pub(super) fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    // SAFETY: dispatched only for a detected SIMD level (AVX2+FMA); both
-    // slices hold n elements.
-    unsafe { axpy_avx2(a, &x[..n], &mut y[..n]) }
-}
-
-/// # Safety
-/// AVX2+FMA present; `x.len() == y.len()`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len();
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i+8 <= n elements in both.
-        unsafe {
-            let yv = _mm256_fmadd_ps(
-                av,
-                _mm256_loadu_ps(x.as_ptr().add(i)),
-                _mm256_loadu_ps(y.as_ptr().add(i)),
-            );
-            _mm256_storeu_ps(y.as_mut_ptr().add(i), yv);
-        }
-        i += 8;
-    }
-    for k in i..n {
-        y[k] += a * x[k];
-    }
 }
 
 /// `out[j] = scale * (q . keys[j*stride + off..][..q.len()])`; the caller

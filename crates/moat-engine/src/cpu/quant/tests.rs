@@ -423,30 +423,6 @@ fn unavailable_level_is_an_error() {
 }
 
 #[test]
-fn dot_and_axpy() {
-    let mut rng = Rng(7);
-    for len in [0, 1, 7, 8, 33, 64, 129] {
-        let a = rng.vec(len);
-        let b = rng.vec(len);
-        let want: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-        let mag: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (f64::from(*x) * f64::from(*y)).abs())
-            .sum();
-        assert!(
-            (f64::from(dot_f32(&a, &b)) - want).abs() <= mag * 1e-6 + 1e-7,
-            "len {len}"
-        );
-        let mut y = b.clone();
-        axpy_f32(0.5, &a, &mut y);
-        for i in 0..len {
-            assert!((y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6, "len {len} [{i}]");
-        }
-    }
-}
-
-#[test]
 fn q8_activation_quantisation_is_the_same_at_every_level() {
     let mut rng = Rng(8);
     let cols = 96;
