@@ -23,10 +23,7 @@ pub mod trace;
 use crate::config::{Config, RequestLogTarget};
 use crate::error::ApiError;
 use crate::metrics::{LoadStage, ModelLoadReport, Plane};
-use crate::middleware::{
-    PublicRoutes, authenticate, rate_limit, request_context, request_timeout, require_admin,
-    require_inference,
-};
+use crate::middleware::{Authorize, Guard, PublicRoutes, guard};
 use crate::state::AppState;
 use crate::tls::Reloadable;
 use axum::Router;
@@ -299,7 +296,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// Layers are listed innermost first (axum wraps each `layer` around what
 /// came before); see `middleware.rs` for the order they run in.
-pub fn inference_router(state: Arc<AppState>) -> Router {
+pub fn inference_router(state: Arc<AppState>, tls: bool) -> Router {
     let public = PublicRoutes(Arc::new(state.public_routes.clone()));
     Router::new()
         .route("/health", get(health))
@@ -311,27 +308,20 @@ pub fn inference_router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_inference,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), public),
-            authenticate,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_timeout,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), Plane::Inference),
-            request_context,
+            Guard {
+                state: state.clone(),
+                plane: Plane::Inference,
+                tls,
+                public,
+                authorize: Authorize::Inference,
+            },
+            guard,
         ))
         .with_state(state)
 }
 
-pub fn metrics_router(state: Arc<AppState>) -> Router {
+pub fn metrics_router(state: Arc<AppState>, tls: bool) -> Router {
     let public = PublicRoutes(Arc::new(if state.metrics_public {
         vec!["/metrics".to_owned()]
     } else {
@@ -341,19 +331,15 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), public),
-            authenticate,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_timeout,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), Plane::Metrics),
-            request_context,
+            Guard {
+                state: state.clone(),
+                plane: Plane::Metrics,
+                tls,
+                public,
+                authorize: Authorize::Metrics,
+            },
+            guard,
         ))
         .with_state(state)
 }
@@ -526,30 +512,6 @@ fn watch_tls(tls: Vec<(&'static str, Arc<Reloadable>)>) {
     });
 }
 
-/// Response headers every plane sends: `nosniff` everywhere (error bodies
-/// are JSON and must never be sniffed as HTML), HSTS on TLS planes. No
-/// `Server` header is ever added, so no version is advertised.
-async fn security_headers(
-    State(tls): State<bool>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
-    );
-    if tls {
-        h.insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            header::HeaderValue::from_static("max-age=63072000"),
-        );
-    }
-    h.remove(header::SERVER);
-    resp
-}
-
 /// Serve both planes until `shutdown` resolves; in-flight requests finish.
 pub async fn serve(
     config: &Config,
@@ -710,13 +672,12 @@ pub async fn serve(
     watch_tls(tls);
     let plane =
         |plane, listener, access: &config::PlaneAccess, tls: Option<Arc<Reloadable>>, router: Router| {
-            let secure = tls.is_some();
             listen::PlaneServer {
                 plane,
                 listener,
                 allow: access.allow.clone(),
                 tls,
-                router: router.layer(axum::middleware::from_fn_with_state(secure, security_headers)),
+                router,
                 limits: config.limits,
             }
         };
@@ -728,12 +689,13 @@ pub async fn serve(
             let m = management::Management::new(state.clone(), config)
                 .map_err(|message| ServerError::Auth(format!("management.totp_file: {message}")))?;
             tracing::info!(model_control = ?mc.model_control, scheme = scheme(&tls), addr = %addr, "management plane listening");
+            let secure = tls.is_some();
             Some(plane(
                 Plane::Management,
                 listener,
                 &mc.access,
                 tls,
-                management::router(Arc::new(m)),
+                management::router(Arc::new(m), secure),
             ))
         }
         _ => None,
@@ -744,15 +706,15 @@ pub async fn serve(
         Plane::Inference,
         bound.inference,
         &config.inference_access,
-        bound.inference_tls,
-        inference_router(state.clone()),
+        bound.inference_tls.clone(),
+        inference_router(state.clone(), bound.inference_tls.is_some()),
     );
     let metrics_plane = plane(
         Plane::Metrics,
         bound.metrics,
         &config.metrics_access,
-        bound.metrics_tls,
-        metrics_router(state.clone()),
+        bound.metrics_tls.clone(),
+        metrics_router(state.clone(), bound.metrics_tls.is_some()),
     );
     let management_run = {
         let (state, stop) = (state.clone(), stop_rx.clone());
@@ -767,6 +729,8 @@ pub async fn serve(
         metrics_plane.run(state.clone(), stop_rx),
         management_run
     );
+    // Every request has finished: its record is out before exit.
+    state.request_log.flush();
     // Every request has finished: their spans go to the collector (a dead
     // one may delay exit by the export timeout, no more).
     if let Some(t) = &tracer {

@@ -22,13 +22,12 @@
 use crate::config::{Config, ModelControl};
 use crate::error::ApiError;
 use crate::metrics::{ModelLoadReport, Plane, Rejection};
-use crate::middleware::{PublicRoutes, authenticate, rate_limit, request_context, request_timeout};
+use crate::middleware::{Authorize, Guard, PublicRoutes, guard};
 use crate::state::{AppState, RequestContext};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use moat_artifact::Store;
@@ -126,7 +125,7 @@ impl Management {
 }
 
 /// The management router. Layers listed innermost first.
-pub fn router(m: Arc<Management>) -> Router {
+pub fn router(m: Arc<Management>, tls: bool) -> Router {
     let state = m.app.clone();
     let public = PublicRoutes(Arc::new(m.public_routes.clone()));
     Router::new()
@@ -141,19 +140,15 @@ pub fn router(m: Arc<Management>) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit))
-        .layer(axum::middleware::from_fn_with_state(m.clone(), authorize))
         .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), public),
-            authenticate,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_timeout,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            (state, Plane::Management),
-            request_context,
+            Guard {
+                state,
+                plane: Plane::Management,
+                tls,
+                public,
+                authorize: Authorize::Management(m.clone()),
+            },
+            guard,
         ))
         .with_state(m)
 }
@@ -195,20 +190,24 @@ fn api_error(status: StatusCode, kind: &'static str, code: &'static str, message
 
 /// RBAC, model control and TOTP step-up, in that order: a caller without
 /// the permission learns nothing more; a disabled write costs no code.
-pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Next) -> Response {
+#[allow(
+    clippy::result_large_err,
+    reason = "the Ok side, the request, is as large: boxing the refusal would not shrink the result"
+)]
+pub fn authorize(m: &Management, req: Request) -> Result<Request, Response> {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
     let Some((perm, write)) = required(req.method(), &route) else {
-        return next.run(req).await;
+        return Ok(req);
     };
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
         // Only a public route reaches here without a principal, and no
         // management route with a permission can be configured public.
         let err = ApiError::forbidden("this route needs a credential");
-        return refuse(&req, "rbac", "missing_permission", err);
+        return Err(refuse(&req, "rbac", "missing_permission", err));
     };
     let rbac = m.app.rbac_for(req.extensions());
     if !rbac.allows(&principal, perm) {
@@ -216,7 +215,7 @@ pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Nex
             "role {} lacks the {perm} permission this route needs",
             principal.role
         ));
-        return refuse(&req, "rbac", "missing_permission", err);
+        return Err(refuse(&req, "rbac", "missing_permission", err));
     }
     if perm == Permission::ModelsWrite && m.control == ModelControl::None {
         let err = api_error(
@@ -227,7 +226,7 @@ pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Nex
              management.model_control = \"explicit\" to add, switch or remove models at run time"
                 .to_owned(),
         );
-        return refuse(&req, "management", "model_control_none", err);
+        return Err(refuse(&req, "management", "model_control_none", err));
     }
     if write && rbac.totp_required(&principal) {
         let code = req.headers().get(TOTP_HEADER).and_then(|v| v.to_str().ok());
@@ -238,10 +237,10 @@ pub async fn authorize(State(m): State<Arc<Management>>, req: Request, next: Nex
                 e.reason(),
                 format!("TOTP step-up refused for {}: {e}", principal.key_id),
             );
-            return refuse(&req, "totp", e.reason(), err);
+            return Err(refuse(&req, "totp", e.reason(), err));
         }
     }
-    next.run(req).await
+    Ok(req)
 }
 
 /// Parse a JSON body; errors name the field and position.

@@ -1,27 +1,32 @@
-//! The layers every request passes, outermost first. Before any of them,
-//! the accept loop (`listen.rs`) has already applied the network allowlist,
-//! TLS and the connection limits (header bytes, header-read and idle
-//! timeouts).
+//! The checks every request passes, in one layer ([`guard`]) that runs
+//! them in order. Before it, the accept loop (`listen.rs`) has already
+//! applied the network allowlist, TLS and the connection limits (header
+//! bytes, header-read and idle timeouts).
 //!
-//! 1. [`request_context`]: mints the request id (answered in `x-request-id`
-//!    on every response, errors included) and the [`RequestContext`] that
-//!    records the request when it ends; it sits outermost so that requests
-//!    rejected by any later layer are still recorded, audited and counted.
-//! 2. [`request_timeout`]: the time to the response head is bounded (504).
+//! 1. the request context: mints the request id (answered in
+//!    `x-request-id` on every response, errors included) and the
+//!    [`RequestContext`] that records the request when it ends; it comes
+//!    first so that requests refused by any later check are still
+//!    recorded, audited and counted.
+//! 2. the request timeout: the time to the response head is bounded (504).
 //! 3. [`authenticate`]: every route needs a credential (API key, JWT, or a
 //!    mapped client certificate) unless it is in the plane's public list,
 //!    so a new route cannot skip authentication by being forgotten. The
 //!    [`Principal`] goes into the request extensions.
-//! 4. authorize: role permissions (`[rbac]`): [`require_admin`]
-//!    (`metrics:read`) on the metrics plane, [`require_inference`] on the
-//!    inference plane and `management::authorize` (plus TOTP step-up) on
-//!    the management plane; per-model scopes in the handlers.
+//! 4. authorize ([`Authorize`]): role permissions (`[rbac]`):
+//!    `metrics:read` on the metrics plane, `inference` on the inference
+//!    plane and `management::authorize` (plus TOTP step-up) on the
+//!    management plane; per-model scopes in the handlers.
 //! 5. [`rate_limit`]: global cap, per-principal concurrency and
 //!    requests/min; it needs the principal, so it comes after
 //!    authentication (an unauthenticated flood is refused by the cheaper
 //!    checks above, and counted). Token budgets are charged in the chat
 //!    handler, once `max_tokens` is known.
 //! 6. the handler.
+//!
+//! One layer rather than one per check: each axum layer clones and boxes
+//! the service and its future on every request, and on the proxy path
+//! (bench/guard.sh) those layers cost more than the checks themselves.
 
 use crate::auth::{TokenRefusal, mtls_principal};
 use crate::error::{ApiError, ErrorCode};
@@ -39,24 +44,67 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// W3C Trace Context: a caller's trace, continued by ours.
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
+/// A request id: 24 hex digits, unique within the process and unlikely to
+/// repeat across restarts. Ids need to be unique, not secret, and one is
+/// minted per request, so no syscall: a process-wide counter under a
+/// random per-process key, through a bijective mix (distinct counters give
+/// distinct ids), after a random per-process prefix.
 fn new_request_id() -> String {
-    let mut b = [0u8; 12];
-    // Ids need to be unique, not secret; fall back to time if the OS has no
-    // randomness rather than failing the request.
-    if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        b.copy_from_slice(&t.to_le_bytes()[..12]);
-    }
-    hex::encode(b)
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<(u32, u64)> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (prefix, key) = *SEED.get_or_init(|| {
+        let mut b = [0u8; 12];
+        if getrandom::fill(&mut b).is_err() {
+            // No OS randomness: the start time still separates restarts.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            b.copy_from_slice(&t.to_le_bytes()[..12]);
+        }
+        let [p0, p1, p2, p3, k @ ..] = b;
+        (u32::from_le_bytes([p0, p1, p2, p3]), u64::from_le_bytes(k))
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) ^ key;
+    format!("{prefix:08x}{:016x}", mix64(n))
 }
 
-pub async fn request_context(
-    State((state, plane)): State<(Arc<AppState>, Plane)>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// SplitMix64's finaliser: a bijection on u64 that scatters neighbouring
+/// inputs, so consecutive ids do not look consecutive.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a plane checks once the caller is known.
+#[derive(Clone)]
+pub enum Authorize {
+    /// `/v1/...` needs the `inference` permission.
+    Inference,
+    /// `/metrics` needs `metrics:read` unless `metrics.public`.
+    Metrics,
+    /// Per-route permissions, model control and TOTP step-up.
+    Management(Arc<crate::management::Management>),
+}
+
+/// One plane's checks: the state, which plane it is (for the records and
+/// metrics), its public routes and its authorization.
+#[derive(Clone)]
+pub struct Guard {
+    pub state: Arc<AppState>,
+    pub plane: Plane,
+    /// The plane speaks TLS: responses carry HSTS.
+    pub tls: bool,
+    pub public: PublicRoutes,
+    pub authorize: Authorize,
+}
+
+/// The layer: context, timeout, authentication, authorization, rate
+/// limits, in that order (see the module comment).
+pub async fn guard(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
+    let state = &g.state;
     let id = new_request_id();
     let route = req
         .extensions()
@@ -68,7 +116,7 @@ pub async fn request_context(
         req.method().to_string(),
         req.uri().path().to_owned(),
         route,
-        plane,
+        g.plane,
     ));
     let has_body = req
         .headers()
@@ -81,7 +129,10 @@ pub async fn request_context(
         .map(|c| c.0.ip().to_string());
     ctx.start_trace(req.headers().get(&TRACEPARENT).and_then(|v| v.to_str().ok()));
     req.extensions_mut().insert(ctx.clone());
-    let mut resp = next.run(req).await;
+    let mut resp = match tokio::time::timeout(state.request_timeout, checked(&g, req, next)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::timeout(state.request_timeout).into_response(),
+    };
     ctx.set_status(resp.status().as_u16());
     if let Some(code) = resp.extensions().get::<ErrorCode>() {
         ctx.set_error(code.0);
@@ -118,7 +169,43 @@ pub async fn request_context(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    security_headers(&mut resp, g.tls);
     resp
+}
+
+/// Response headers every plane sends: `nosniff` everywhere (error bodies
+/// are JSON and must never be sniffed as HTML), HSTS on TLS planes. No
+/// `Server` header is ever added, so no version is advertised.
+fn security_headers(resp: &mut Response, tls: bool) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=63072000"),
+        );
+    }
+    h.remove(header::SERVER);
+}
+
+/// Steps 3 to 6, under the request timeout.
+async fn checked(g: &Guard, req: Request, next: Next) -> Response {
+    let req = match authenticate(&g.state, &g.public, req).await {
+        Ok(req) => req,
+        Err(refused) => return refused,
+    };
+    let authorized = match &g.authorize {
+        Authorize::Inference => require_inference(&g.state, req),
+        Authorize::Metrics => require_admin(&g.state, req),
+        Authorize::Management(m) => crate::management::authorize(m, req),
+    };
+    match authorized {
+        Ok(req) => rate_limit(&g.state, req, next).await,
+        Err(refused) => refused,
+    }
 }
 
 /// Statuses the layers before the handler answer without reading the body
@@ -133,13 +220,14 @@ fn is_early_refusal(status: axum::http::StatusCode) -> bool {
 #[derive(Clone)]
 pub struct PublicRoutes(pub Arc<Vec<String>>);
 
+/// The caller's [`Principal`] into the request, or the refusal.
 pub async fn authenticate(
-    State((state, public)): State<(Arc<AppState>, PublicRoutes)>,
+    state: &AppState,
+    public: &PublicRoutes,
     mut req: Request,
-    next: Next,
-) -> Response {
+) -> Result<Request, Response> {
     if public.0.iter().any(|p| p == req.uri().path()) {
-        return next.run(req).await;
+        return Ok(req);
     }
     let header = req
         .headers()
@@ -180,7 +268,7 @@ pub async fn authenticate(
             }
             req.extensions_mut().insert(principal);
             req.extensions_mut().insert(crate::state::RbacSnapshot(rbac));
-            next.run(req).await
+            Ok(req)
         }
         Err(refusal) => {
             let (stage, reason, resp) = match refusal {
@@ -195,7 +283,7 @@ pub async fn authenticate(
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new(stage, reason));
             }
-            resp
+            Err(resp)
         }
     }
 }
@@ -225,7 +313,7 @@ fn key_refusal(e: AuthError) -> Refusal {
 /// the global cap applies to authenticated traffic on the inference plane
 /// only: shedding load must not blind the operator (metrics scrapes) or
 /// lock out the administrators who would fix it.
-pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn rate_limit(state: &AppState, req: Request, next: Next) -> Response {
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
         return next.run(req).await;
     };
@@ -266,22 +354,16 @@ pub fn refused_response(r: crate::ratelimit::Refused) -> Response {
     }
 }
 
-/// Bounds the time to the response head (`limits.request_timeout`): a
-/// handler stuck behind a slow engine answers 504 instead of holding the
-/// connection forever. Streams are not cut once their head is sent.
-pub async fn request_timeout(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::timeout(state.request_timeout).into_response(),
-    }
-}
-
 /// Metrics need the `metrics:read` permission (an admin by default) unless
 /// `metrics.public = true`. The reason label stays `admin_required`, the
 /// name dashboards already count.
-pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+#[allow(
+    clippy::result_large_err,
+    reason = "the Ok side, the request, is as large: boxing the refusal would not shrink the result"
+)]
+pub fn require_admin(state: &AppState, req: Request) -> Result<Request, Response> {
     if state.metrics_public {
-        return next.run(req).await;
+        return Ok(req);
     }
     match req.extensions().get::<Principal>() {
         Some(p)
@@ -289,35 +371,56 @@ pub async fn require_admin(State(state): State<Arc<AppState>>, req: Request, nex
                 .rbac_for(req.extensions())
                 .allows(p, Permission::MetricsRead) =>
         {
-            next.run(req).await
+            Ok(req)
         }
         _ => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "admin_required"));
             }
-            ApiError::forbidden("this route needs the metrics:read permission (an admin key by default)")
-                .into_response()
+            Err(
+                ApiError::forbidden("this route needs the metrics:read permission (an admin key by default)")
+                    .into_response(),
+            )
         }
     }
 }
 
 /// The OpenAI routes (`/v1/...`) need the `inference` permission; `/health`
 /// and `/ready` need only a credential (or none when public).
-pub async fn require_inference(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+#[allow(
+    clippy::result_large_err,
+    reason = "the Ok side, the request, is as large: boxing the refusal would not shrink the result"
+)]
+pub fn require_inference(state: &AppState, req: Request) -> Result<Request, Response> {
     if !req.uri().path().starts_with("/v1/") {
-        return next.run(req).await;
+        return Ok(req);
     }
     match req.extensions().get::<Principal>() {
         Some(p) if !state.rbac_for(req.extensions()).allows(p, Permission::Inference) => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "missing_permission"));
             }
-            ApiError::forbidden(format!(
+            Err(ApiError::forbidden(format!(
                 "role {} lacks the inference permission this route needs",
                 p.role
             ))
-            .into_response()
+            .into_response())
         }
-        _ => next.run(req).await,
+        _ => Ok(req),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_unique_24_hex_digits() {
+        let mut ids: Vec<String> = (0..10_000).map(|_| super::new_request_id()).collect();
+        assert!(
+            ids.iter()
+                .all(|i| i.len() == 24 && i.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 10_000);
     }
 }

@@ -20,7 +20,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use moat_engine::{Backend, ChatMessage, ChatRequest, Event, FinishReason, Prompt, TokenLogprob, Usage};
 use moat_guard::Principal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -211,6 +211,11 @@ fn parse_body<T: for<'de> Deserialize<'de>>(
             ApiError::bad_request(None, format!("cannot read the request body: {rej}"))
         }
     })?;
+    // The plain parse first: tracking the path costs on every request, and
+    // it is only needed to name the field of a body that is wrong.
+    if let Ok(v) = serde_json::from_slice(&bytes) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -647,44 +652,49 @@ async fn complete_response(
                     )
                     .await;
                 }
-                let list: Vec<Value> = choices
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        let finish = c.finish.unwrap_or(finish_reason).as_str();
-                        match shape.api {
-                            Api::Chat => {
-                                let mut message = json!({"role": "assistant", "content": c.content});
-                                if !c.reasoning.is_empty() {
-                                    message["reasoning_content"] = Value::String(c.reasoning);
-                                }
-                                let lp = if wants_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null };
-                                json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
-                            }
-                            Api::Completion => {
-                                let lp = if wants_logprobs {
-                                    completion_logprobs(&c.logprobs, 0)
-                                } else {
-                                    Value::Null
-                                };
-                                json!({"index": i, "text": c.content, "logprobs": lp, "finish_reason": finish})
-                            }
-                        }
-                    })
-                    .collect();
                 let object = match shape.api {
                     Api::Chat => "chat.completion",
                     Api::Completion => "text_completion",
                 };
-                return Ok(Json(json!({
-                    "id": shape.id,
-                    "object": object,
-                    "created": shape.created,
-                    "model": shape.model,
-                    "system_fingerprint": shape.fingerprint,
-                    "choices": list,
-                    "usage": usage_json(usage),
-                }))
+                let list: Vec<WholeChoice<'_>> = choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let finish_reason = c.finish.unwrap_or(finish_reason).as_str();
+                        let logprobs = wants_logprobs.then(|| match shape.api {
+                            Api::Chat => chat_logprobs(&c.logprobs),
+                            Api::Completion => completion_logprobs(&c.logprobs, 0),
+                        });
+                        let (message, text) = match shape.api {
+                            Api::Chat => (
+                                Some(Message {
+                                    role: "assistant",
+                                    content: &c.content,
+                                    reasoning_content: (!c.reasoning.is_empty())
+                                        .then_some(c.reasoning.as_str()),
+                                }),
+                                None,
+                            ),
+                            Api::Completion => (None, Some(c.content.as_str())),
+                        };
+                        WholeChoice {
+                            index: i,
+                            message,
+                            text,
+                            logprobs,
+                            finish_reason,
+                        }
+                    })
+                    .collect();
+                return Ok(Json(Whole {
+                    id: &shape.id,
+                    object,
+                    created: shape.created,
+                    model: &shape.model,
+                    system_fingerprint: &shape.fingerprint,
+                    choices: list,
+                    usage: WireUsage::of(usage),
+                })
                 .into_response());
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(e)),
@@ -693,8 +703,123 @@ async fn complete_response(
     }
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens})
+/// The OpenAI `usage` object.
+#[derive(Serialize)]
+struct WireUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl WireUsage {
+    fn of(u: Usage) -> Self {
+        let (p, c) = (u.prompt_tokens as u64, u.completion_tokens as u64);
+        WireUsage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+        }
+    }
+}
+
+// The response bodies as typed structs rather than `json!` trees: they are
+// built for every answer and every streamed token, and a typed struct
+// serialises straight to bytes with no map allocated or hashed.
+
+/// A whole (non-streamed) answer.
+#[derive(Serialize)]
+struct Whole<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: Vec<WholeChoice<'a>>,
+    usage: WireUsage,
+}
+
+/// One choice of a whole answer: `message` (chat) or `text` (completions).
+#[derive(Serialize)]
+struct WholeChoice<'a> {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<Message<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: Option<Value>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+}
+
+/// One streamed chunk. `usage` is `null` on every chunk but the last when
+/// the client asked for usage (`stream_options.include_usage`), and absent
+/// otherwise, as OpenAI does.
+#[derive(Serialize)]
+struct Chunk<'a, C: Serialize> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: C,
+    #[serde(skip_serializing_if = "UsageField::is_absent")]
+    usage: UsageField,
+}
+
+enum UsageField {
+    Absent,
+    Null,
+    Counts(WireUsage),
+}
+
+impl UsageField {
+    fn is_absent(&self) -> bool {
+        matches!(self, UsageField::Absent)
+    }
+}
+
+impl Serialize for UsageField {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UsageField::Counts(u) => u.serialize(s),
+            UsageField::Absent | UsageField::Null => s.serialize_unit(),
+        }
+    }
+}
+
+/// A chunk's one choice.
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Delta<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: Option<Value>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    // Serialising these structs cannot fail (string keys, no maps of
+    // non-string keys, finite floats are written by serde_json as numbers).
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// Identifies the exact weights that answered (the lock's revision).
@@ -705,25 +830,42 @@ fn fingerprint(engine: &Backend) -> String {
 }
 
 impl Shape {
-    /// One chunk with one choice.
-    fn chunk(&self, choice: Value) -> Value {
-        let object = match self.api {
+    fn object(&self) -> &'static str {
+        match self.api {
             Api::Chat => "chat.completion.chunk",
             Api::Completion => "text_completion",
-        };
-        let mut c = json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": [choice],
-        });
-        if self.include_usage {
-            c["usage"] = Value::Null;
         }
-        c
     }
 
-    fn role(&self, index: usize) -> Value {
-        self.chunk(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+    /// One chunk with one choice, as JSON text.
+    fn chunk(&self, choice: ChunkChoice<'_>) -> String {
+        to_json(&Chunk {
+            id: &self.id,
+            object: self.object(),
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: &self.fingerprint,
+            choices: [choice],
+            usage: if self.include_usage {
+                UsageField::Null
+            } else {
+                UsageField::Absent
+            },
+        })
+    }
+
+    fn role(&self, index: usize) -> String {
+        self.chunk(ChunkChoice {
+            index,
+            delta: Some(Delta {
+                role: Some("assistant"),
+                content: Some(""),
+                reasoning_content: None,
+            }),
+            text: None,
+            logprobs: None,
+            finish_reason: None,
+        })
     }
 
     fn text(
@@ -733,48 +875,63 @@ impl Shape {
         reasoning: &str,
         lp: &[TokenLogprob],
         offset: usize,
-    ) -> Value {
+    ) -> String {
         match self.api {
             Api::Chat => {
                 let delta = if reasoning.is_empty() {
-                    json!({"content": content})
+                    Delta {
+                        content: Some(content),
+                        ..Delta::default()
+                    }
                 } else {
-                    json!({"reasoning_content": reasoning})
+                    Delta {
+                        reasoning_content: Some(reasoning),
+                        ..Delta::default()
+                    }
                 };
-                let lp = if lp.is_empty() {
-                    Value::Null
-                } else {
-                    chat_logprobs(lp)
-                };
-                self.chunk(json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}))
+                self.chunk(ChunkChoice {
+                    index,
+                    delta: Some(delta),
+                    text: None,
+                    logprobs: (!lp.is_empty()).then(|| chat_logprobs(lp)),
+                    finish_reason: None,
+                })
             }
-            Api::Completion => {
-                let lp = if lp.is_empty() {
-                    Value::Null
-                } else {
-                    completion_logprobs(lp, offset)
-                };
-                self.chunk(json!({"index": index, "text": content, "logprobs": lp, "finish_reason": null}))
-            }
+            Api::Completion => self.chunk(ChunkChoice {
+                index,
+                delta: None,
+                text: Some(content),
+                logprobs: (!lp.is_empty()).then(|| completion_logprobs(lp, offset)),
+                finish_reason: None,
+            }),
         }
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> Value {
-        match self.api {
-            Api::Chat => self.chunk(
-                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}),
-            ),
-            Api::Completion => self.chunk(
-                json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
-            ),
-        }
+    fn finish(&self, index: usize, reason: FinishReason) -> String {
+        let (delta, text) = match self.api {
+            Api::Chat => (Some(Delta::default()), None),
+            Api::Completion => (None, Some("")),
+        };
+        self.chunk(ChunkChoice {
+            index,
+            delta,
+            text,
+            logprobs: None,
+            finish_reason: Some(reason.as_str()),
+        })
     }
 
-    fn usage(&self, usage: Usage) -> Value {
-        let mut last = self.chunk(Value::Null);
-        last["choices"] = json!([]);
-        last["usage"] = usage_json(usage);
-        last
+    /// The last chunk when usage was asked for: no choices, the counts.
+    fn usage(&self, usage: Usage) -> String {
+        to_json(&Chunk {
+            id: &self.id,
+            object: self.object(),
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: &self.fingerprint,
+            choices: [(); 0],
+            usage: UsageField::Counts(WireUsage::of(usage)),
+        })
     }
 }
 
@@ -791,9 +948,9 @@ fn stream_response(
         // The stream holds its engine to the end: `DELETE /models/{name}`
         // waits for every holder before it reports the model drained.
         let _engine = engine;
-        let send = |v: Value| {
+        let send = |data: String| {
             let tx = tx.clone();
-            async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
+            async move { tx.send(Ok(SseEvent::default().data(data))).await.is_ok() }
         };
         // What each choice was sent: choice 0's text for the capture (when
         // on), every choice's end and text offset.
@@ -818,7 +975,7 @@ fn stream_response(
                     // chunk and `[DONE]`; dropping `events` stops the engine.
                     () = state.shutdown.deadline_passed() => {
                         ctx.set_error("shutting_down");
-                        let _ = send(ApiError::shutting_down().body()).await;
+                        let _ = send(ApiError::shutting_down().body().to_string()).await;
                         break;
                     }
                 };
@@ -886,7 +1043,7 @@ fn stream_response(
                     Event::Error(e) => {
                         ctx.set_error("inference_error");
                         finish = "error";
-                        let _ = send(ApiError::internal(e).body()).await;
+                        let _ = send(ApiError::internal(e).body().to_string()).await;
                         break;
                     }
                 }
