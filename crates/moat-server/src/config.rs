@@ -1072,6 +1072,19 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+        // Top-level values incomplete alone (a burst without a rate) are
+        // fine while every role has its own rate, and an error as soon as
+        // a role without a section would get them.
+        let sectioned = "[rate_limits]\nburst = 2\n[rate_limits.roles.admin]\nrequests_per_minute = 600\n\
+                         [rate_limits.roles.user]\nrequests_per_minute = 60\n";
+        let c = check(&format!("{sectioned}[[models]]\nname=\"a\"\n")).unwrap();
+        assert_eq!(c.rate_limits.for_role(&Role::user()).burst, Some(2));
+        let err = check(&format!(
+            "{sectioned}[rbac.roles.ops]\npermissions = []\n[[models]]\nname=\"a\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("rate_limits.burst:"), "{err}");
         // Defined in [rbac], the same mapping is accepted.
         let text = format!(
             "{jwt}roles = {{ x = \"ops\" }}\n[rbac.roles.ops]\npermissions = []\n[[models]]\nname=\"a\"\n"

@@ -604,10 +604,16 @@ impl RawRateLimits {
     /// `rbac`: the roles `[rate_limits.roles.NAME]` may name.
     pub fn validate(self, rbac: &Rbac) -> Result<RateLimitConfig, ConfigError> {
         let empty = RawPrincipalLimits::default();
-        // The defaults are checked on their own first, so that a bad
-        // top-level value is reported under `rate_limits.KEY` even when no
-        // role section inherits it.
-        let defaults = merge("rate_limits", &self.defaults, &empty)?;
+        // The top-level values are what every role without its own section
+        // gets, so they must make sense alone, unless every defined role
+        // has a section (then they only count merged into those, checked
+        // below, e.g. a top-level `burst` with each role's own rate).
+        let all_sectioned = rbac.roles().all(|(r, _)| self.roles.contains_key(r.as_str()));
+        let defaults = match merge("rate_limits", &self.defaults, &empty) {
+            Ok(d) => d,
+            Err(_) if all_sectioned => raw_limits(&self.defaults),
+            Err(e) => return Err(e),
+        };
         let mut roles = BTreeMap::new();
         for (name, over) in &self.roles {
             let key = format!("rate_limits.roles.{name}");
@@ -671,6 +677,20 @@ impl RawRateLimits {
             on_redis_error,
             concurrency_lease_ttl,
         })
+    }
+}
+
+/// The values as written, unchecked: the limits of a principal whose role
+/// `[rbac]` does not define (refused before any limit applies) when the
+/// top-level values are incomplete on their own.
+fn raw_limits(r: &RawPrincipalLimits) -> PrincipalLimits {
+    PrincipalLimits {
+        requests_per_minute: r.requests_per_minute,
+        burst: r.burst,
+        tokens_per_minute: r.tokens_per_minute,
+        max_concurrent: r.max_concurrent,
+        max_tokens: r.max_tokens,
+        max_n: r.max_n,
     }
 }
 
