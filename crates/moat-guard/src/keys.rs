@@ -26,6 +26,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
 use subtle::ConstantTimeEq;
 
 /// Every API key starts with this; any other bearer value is not a key.
@@ -35,30 +36,93 @@ const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
 const FILE_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
-    User,
+/// The longest role name (bytes); names are `[a-z][a-z0-9_-]{0,31}`.
+pub const MAX_ROLE_NAME: usize = 32;
+
+/// A role's name, checked: a lower-case letter, then up to 31 lower-case
+/// letters, digits, `_` or `-`. Which permissions it carries is the
+/// `[rbac]` table's business ([`crate::Rbac`]); a name alone grants nothing.
+///
+/// An `Arc<str>` so that cloning one (every request clones its principal's)
+/// is a reference-count increment, never an allocation. The two built-in
+/// names are allocated once per process ([`Role::admin`], [`Role::user`]).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Role(Arc<str>);
+
+impl Role {
+    /// Checks `name`; the error says what a role name may hold.
+    pub fn new(name: &str) -> Result<Role, KeyError> {
+        let mut chars = name.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !first_ok || !rest_ok || name.len() > MAX_ROLE_NAME {
+            return Err(KeyError::Invalid(format!(
+                "role {name:?}: a role name is a lower-case letter followed by at most \
+                 {} lower-case letters, digits, '_' or '-' (e.g. ops)",
+                MAX_ROLE_NAME - 1
+            )));
+        }
+        Ok(match name {
+            // Share the process-wide built-ins rather than allocate anew.
+            "admin" => Role::admin(),
+            "user" => Role::user(),
+            _ => Role(Arc::from(name)),
+        })
+    }
+
+    /// The built-in role holding every permission by default.
+    pub fn admin() -> Role {
+        static ADMIN: LazyLock<Role> = LazyLock::new(|| Role(Arc::from("admin")));
+        ADMIN.clone()
+    }
+
+    /// The built-in role for inference callers (inference and reading the
+    /// model list by default).
+    pub fn user() -> Role {
+        static USER: LazyLock<Role> = LazyLock::new(|| Role(Arc::from("user")));
+        USER.clone()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.as_str() == "admin"
+    }
 }
 
 impl std::str::FromStr for Role {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "user" => Ok(Role::User),
-            _ => Err(KeyError::Invalid(format!("role {s:?}: expected admin or user"))),
-        }
+        Role::new(s)
     }
 }
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Admin => "admin",
-            Role::User => "user",
-        })
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Role({:?})", &*self.0)
+    }
+}
+
+/// In the keys file a role is its name, as it always was (`"role": "user"`),
+/// so files written before custom roles existed read unchanged.
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Role::new(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -429,7 +493,7 @@ impl Principal {
             .is_none_or(|list| list.iter().any(|m| m == model))
     }
     pub fn is_admin(&self) -> bool {
-        self.role == Role::Admin
+        self.role.is_admin()
     }
 }
 
@@ -480,7 +544,7 @@ impl Keyring {
         }
         Ok(Principal {
             key_id: rec.id.clone(),
-            role: rec.role,
+            role: rec.role.clone(),
             kind: PrincipalKind::ApiKey,
             // An empty list in the keys file means every model.
             models: (!rec.models.is_empty()).then(|| rec.models.clone()),
@@ -497,7 +561,7 @@ mod tests {
     fn create_authenticate_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path().join("keys.json"));
-        let k = store.create(Role::User, vec!["demo".into()], None).unwrap();
+        let k = store.create(Role::user(), vec!["demo".into()], None).unwrap();
         assert!(k.secret.starts_with("moat_"));
         let text = fs::read_to_string(store.path()).unwrap();
         let secret_part = k.secret.rsplit('_').next().unwrap();
@@ -511,7 +575,7 @@ mod tests {
         let ring = store.keyring().unwrap();
         let header = format!("Bearer {}", k.secret);
         let p = ring.authenticate(Some(&header), now_unix()).unwrap();
-        assert_eq!(p.role, Role::User);
+        assert_eq!(p.role, Role::user());
         assert!(p.may_use_model("demo"));
         assert!(!p.may_use_model("other"));
 
@@ -545,7 +609,7 @@ mod tests {
     fn expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path().join("keys.json"));
-        let k = store.create(Role::Admin, vec![], Some(60)).unwrap();
+        let k = store.create(Role::admin(), vec![], Some(60)).unwrap();
         let ring = store.keyring().unwrap();
         let header = format!("Bearer {}", k.secret);
         let created = k.record.created;
@@ -554,6 +618,74 @@ mod tests {
             ring.authenticate(Some(&header), created + 60),
             Err(AuthError::Expired(k.record.id))
         );
+    }
+
+    #[test]
+    fn role_names_are_checked() {
+        for ok in [
+            "admin",
+            "user",
+            "ops",
+            "a",
+            "sre-oncall",
+            "team_2",
+            &format!("a{}", "b".repeat(31)),
+        ] {
+            assert_eq!(Role::new(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "Ops",
+            "2ops",
+            "-ops",
+            "_x",
+            "ops!",
+            "o ps",
+            "ops.",
+            "é",
+            &"a".repeat(33),
+        ] {
+            let e = Role::new(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{bad:?}")) && e.contains("lower-case"),
+                "{bad}: {e}"
+            );
+        }
+        // The built-ins are shared, not allocated per use.
+        assert!(Arc::ptr_eq(&Role::new("admin").unwrap().0, &Role::admin().0));
+        assert!(Role::admin().is_admin() && !Role::new("ops").unwrap().is_admin());
+    }
+
+    #[test]
+    fn roles_in_the_keys_file_are_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        // A file written before custom roles existed reads unchanged.
+        fs::write(
+            &path,
+            r#"{"version":1,"keys":[{"id":"00","role":"admin","created":1,"secret_sha256":"x"},
+                {"id":"01","role":"user","created":1,"secret_sha256":"x"}]}"#,
+        )
+        .unwrap();
+        let store = KeyStore::new(&path);
+        let roles: Vec<Role> = store.records().unwrap().into_iter().map(|r| r.role).collect();
+        assert_eq!(roles, [Role::admin(), Role::user()]);
+        let ops = Role::new("ops").unwrap();
+        let k = store.create(ops.clone(), vec![], None).unwrap();
+        assert!(fs::read_to_string(&path).unwrap().contains(r#""role": "ops""#));
+        let ring = store.keyring().unwrap();
+        let p = ring
+            .authenticate(Some(&format!("Bearer {}", k.secret)), now_unix())
+            .unwrap();
+        assert_eq!(p.role, ops);
+        // A name no config could define is a format error naming the file.
+        fs::write(
+            &path,
+            r#"{"version":1,"keys":[{"id":"00","role":"Root!","created":1,"secret_sha256":"x"}]}"#,
+        )
+        .unwrap();
+        let e = store.records().unwrap_err().to_string();
+        assert!(e.contains("keys.json") && e.contains("\"Root!\""), "{e}");
     }
 
     #[test]
@@ -588,7 +720,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
         let plain = KeyStore::new(&path);
-        let k1 = plain.create(Role::User, vec![], None).unwrap();
+        let k1 = plain.create(Role::user(), vec![], None).unwrap();
         assert!(!is_sealed(&path).unwrap());
 
         // Reading through a codec that does not seal leaves the file plain.
@@ -598,7 +730,7 @@ mod tests {
         assert!(reader.reseal().is_err(), "sealing needs seal_writes");
 
         let sealing = KeyStore::new(&path).with_codec(codec, true);
-        let k2 = sealing.create(Role::Admin, vec![], None).unwrap();
+        let k2 = sealing.create(Role::admin(), vec![], None).unwrap();
         assert!(is_sealed(&path).unwrap());
         let raw = fs::read(&path).unwrap();
         assert!(

@@ -12,4 +12,4 @@ pub mod totp;
 
 pub use keys::{AuthError, Keyring, Principal, PrincipalKind, Role};
 pub use limits::KeyLimits;
-pub use rbac::{Grants, Permission, Rbac, RoleSpec, grants_within};
+pub use rbac::{Denied, Escalation, Grants, Permission, Rbac, RoleSpec, grants_within};

@@ -220,7 +220,7 @@ mod tests {
         use crate::keys::{KeyStore, Role};
         let dir = tempfile::tempdir()?;
         let store = KeyStore::new(dir.path().join("keys.json"));
-        let key = store.create(Role::User, Vec::new(), None)?;
+        let key = store.create(Role::user(), Vec::new(), None)?;
         assert_eq!(key.record.limits, None);
         // A refused value leaves the file as it was.
         assert!(store.set_limits(&key.record.id, Some(rpm(0))).is_err());

@@ -2,9 +2,12 @@
 //! its management writes need a TOTP code, and whether one principal may
 //! hand out a set of grants (a new API key) to another.
 //!
-//! Deny by default: a permission not listed for a role is refused. The two
-//! roles (`admin`, `user`) have built-in permission sets that
-//! `[rbac.roles.NAME]` replaces; per-model scopes stay on the principal
+//! Deny by default: a permission not listed for a role is refused, and a
+//! role the table does not define (a key written with a role since removed
+//! from the configuration, say) is refused everything. Two roles are built
+//! in, `admin` (every permission) and `user` (inference and reading the
+//! model list); `[rbac.roles.NAME]` replaces one of them or defines another
+//! (`ops`, `auditor`, …). Per-model scopes stay on the principal
 //! ([`Principal::may_use_model`]) because they belong to a credential, not
 //! a role.
 //!
@@ -13,9 +16,9 @@
 //! holds: no permission the creator's role lacks, no model outside the
 //! creator's scope, no expiry after the creator's.
 
-use crate::keys::{Principal, Role};
+use crate::keys::{KeyRecord, Principal, Role};
 use crate::limits::KeyLimits;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// One thing a principal may do.
@@ -88,11 +91,18 @@ impl RoleSpec {
     }
 }
 
-/// The roles and what each may do.
+/// What an undefined role holds: nothing. `totp_required` is set so that
+/// no reader of it could take an undefined role for a lax one.
+static UNDEFINED: RoleSpec = RoleSpec {
+    permissions: BTreeSet::new(),
+    totp_required: true,
+};
+
+/// The roles and what each may do: the built-ins, as configured, and every
+/// role `[rbac.roles.NAME]` defines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rbac {
-    admin: RoleSpec,
-    user: RoleSpec,
+    roles: BTreeMap<Role, RoleSpec>,
 }
 
 impl Default for Rbac {
@@ -100,34 +110,90 @@ impl Default for Rbac {
     /// list. Neither needs TOTP unless configured.
     fn default() -> Self {
         Rbac {
-            admin: RoleSpec::new(Permission::ALL, false),
-            user: RoleSpec::new([Permission::Inference, Permission::ModelsRead], false),
+            roles: BTreeMap::from([
+                (Role::admin(), RoleSpec::new(Permission::ALL, false)),
+                (
+                    Role::user(),
+                    RoleSpec::new([Permission::Inference, Permission::ModelsRead], false),
+                ),
+            ]),
         }
     }
 }
 
+/// Why a principal's role does not allow a permission; the message names
+/// the role (and, when it is defined, the permission it lacks).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error(
+        "role {0} is not defined in [rbac] (built in: admin, user), so it is refused everything; \
+         define [rbac.roles.{0}] or give the credential a defined role"
+    )]
+    UndefinedRole(Role),
+    #[error("role {role} lacks the {permission} permission this route needs")]
+    Missing { role: Role, permission: Permission },
+}
+
 impl Rbac {
-    /// Replace one role's permission set.
+    /// Define `role`, or replace its permission set.
     pub fn set(&mut self, role: Role, spec: RoleSpec) {
-        match role {
-            Role::Admin => self.admin = spec,
-            Role::User => self.user = spec,
-        }
+        self.roles.insert(role, spec);
     }
 
-    pub fn role(&self, role: Role) -> &RoleSpec {
-        match role {
-            Role::Admin => &self.admin,
-            Role::User => &self.user,
-        }
+    /// The role's spec, `None` when it is not defined.
+    pub fn get(&self, role: &Role) -> Option<&RoleSpec> {
+        self.roles.get(role)
+    }
+
+    pub fn is_defined(&self, role: &Role) -> bool {
+        self.roles.contains_key(role)
+    }
+
+    /// The role's spec; an undefined role gets the empty one (no
+    /// permission), so that reading it can only ever deny.
+    pub fn role(&self, role: &Role) -> &RoleSpec {
+        self.roles.get(role).unwrap_or(&UNDEFINED)
+    }
+
+    /// Every defined role, by name.
+    pub fn roles(&self) -> impl Iterator<Item = (&Role, &RoleSpec)> {
+        self.roles.iter()
+    }
+
+    /// The defined role names, comma-separated (for error messages).
+    pub fn names(&self) -> String {
+        self.roles.keys().map(Role::as_str).collect::<Vec<_>>().join(", ")
     }
 
     pub fn allows(&self, principal: &Principal, p: Permission) -> bool {
-        self.role(principal.role).allows(p)
+        self.check(principal, p).is_ok()
+    }
+
+    /// [`Rbac::allows`] with the reason for a refusal.
+    pub fn check(&self, principal: &Principal, p: Permission) -> Result<(), Denied> {
+        match self.roles.get(&principal.role) {
+            None => Err(Denied::UndefinedRole(principal.role.clone())),
+            Some(spec) if spec.allows(p) => Ok(()),
+            Some(_) => Err(Denied::Missing {
+                role: principal.role.clone(),
+                permission: p,
+            }),
+        }
     }
 
     pub fn totp_required(&self, principal: &Principal) -> bool {
-        self.role(principal.role).totp_required
+        self.role(&principal.role).totp_required
+    }
+
+    /// Keys that still work (neither revoked nor expired at `now`) but whose
+    /// role this table does not define: they are refused everything, which
+    /// the operator should hear about at start and at each reload.
+    pub fn keys_with_undefined_roles<'a>(&self, records: &'a [KeyRecord], now: u64) -> Vec<&'a KeyRecord> {
+        records
+            .iter()
+            .filter(|r| r.revoked.is_none() && r.expires.is_none_or(|e| now < e))
+            .filter(|r| !self.is_defined(&r.role))
+            .collect()
     }
 }
 
@@ -147,7 +213,7 @@ impl Grants {
     /// (which only the rate limiter's configuration knows).
     pub fn of(principal: &Principal, limits: KeyLimits) -> Self {
         Grants {
-            role: principal.role,
+            role: principal.role.clone(),
             models: principal.models().map(<[String]>::to_vec),
             expires: principal.expires,
             limits,
@@ -159,6 +225,11 @@ impl Grants {
 /// escalation so the caller sees exactly what was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Escalation {
+    /// Refused even though an undefined role holds nothing today: defining
+    /// it later would hand the key whatever the new definition grants,
+    /// which its creator never held.
+    #[error("role {0} is not defined in [rbac]: a key can only be given a defined role")]
+    UndefinedRole(Role),
     #[error("role {role} grants {permission}, which the creating principal's role ({creator}) does not hold")]
     Permission {
         role: Role,
@@ -187,6 +258,7 @@ impl Escalation {
     /// Stable reason for metrics labels.
     pub fn reason(&self) -> &'static str {
         match self {
+            Escalation::UndefinedRole(_) => "grant_role",
             Escalation::Permission { .. } => "grant_permission",
             Escalation::WeakerStepUp { .. } => "grant_totp",
             Escalation::AllModels(_) | Escalation::Model(_) => "grant_model",
@@ -197,18 +269,22 @@ impl Escalation {
 }
 
 /// Refuses `requested` unless it is a subset of `creator`: the requested
-/// role's permissions ⊆ the creator's, its step-up at least as strict
+/// role defined, its permissions ⊆ the creator's, its step-up at least as strict
 /// when it may make management writes,
 /// models ⊆ the creator's scope, expiry ≤ the creator's. The one place
 /// every grant rule lives (per-key limits are checked here too when keys
 /// carry them).
 pub fn grants_within(rbac: &Rbac, creator: &Grants, requested: &Grants) -> Result<(), Escalation> {
-    let have = rbac.role(creator.role);
-    let want = rbac.role(requested.role);
+    let want = rbac
+        .get(&requested.role)
+        .ok_or_else(|| Escalation::UndefinedRole(requested.role.clone()))?;
+    // An undefined creator role holds nothing (and never gets this far
+    // through the server, which refuses it keys:write first).
+    let have = rbac.role(&creator.role);
     if let Some(p) = want.permissions.iter().find(|p| !have.allows(**p)) {
         return Err(Escalation::Permission {
-            role: requested.role,
-            creator: creator.role,
+            role: requested.role.clone(),
+            creator: creator.role.clone(),
             permission: *p,
         });
     }
@@ -217,8 +293,8 @@ pub fn grants_within(rbac: &Rbac, creator: &Grants, requested: &Grants) -> Resul
     let writes = want.allows(Permission::ModelsWrite) || want.allows(Permission::KeysWrite);
     if have.totp_required && !want.totp_required && writes {
         return Err(Escalation::WeakerStepUp {
-            role: requested.role,
-            creator: creator.role,
+            role: requested.role.clone(),
+            creator: creator.role.clone(),
         });
     }
     if let Some(scope) = &creator.models {
@@ -269,16 +345,16 @@ mod tests {
     #[test]
     fn defaults_deny_user_management() {
         let r = Rbac::default();
-        assert!(r.role(Role::User).allows(Permission::Inference));
-        assert!(r.role(Role::User).allows(Permission::ModelsRead));
+        assert!(r.role(&Role::user()).allows(Permission::Inference));
+        assert!(r.role(&Role::user()).allows(Permission::ModelsRead));
         for p in [
             Permission::ModelsWrite,
             Permission::KeysWrite,
             Permission::AuditRead,
             Permission::MetricsRead,
         ] {
-            assert!(!r.role(Role::User).allows(p), "{p}");
-            assert!(r.role(Role::Admin).allows(p), "{p}");
+            assert!(!r.role(&Role::user()).allows(p), "{p}");
+            assert!(r.role(&Role::admin()).allows(p), "{p}");
         }
     }
 
@@ -295,34 +371,34 @@ mod tests {
         let mut r = Rbac::default();
         // A user key with keys:write may not mint an admin key.
         r.set(
-            Role::User,
+            Role::user(),
             RoleSpec::new([Permission::Inference, Permission::KeysWrite], false),
         );
-        let user = g(Role::User, None, None);
+        let user = g(Role::user(), None, None);
         assert_eq!(
-            grants_within(&r, &user, &g(Role::Admin, None, None))
+            grants_within(&r, &user, &g(Role::admin(), None, None))
                 .unwrap_err()
                 .reason(),
             "grant_permission"
         );
-        assert!(grants_within(&r, &user, &g(Role::User, Some(&["a"]), Some(5))).is_ok());
+        assert!(grants_within(&r, &user, &g(Role::user(), Some(&["a"]), Some(5))).is_ok());
 
-        let scoped = g(Role::Admin, Some(&["a", "b"]), Some(100));
-        assert!(grants_within(&r, &scoped, &g(Role::User, Some(&["a"]), Some(100))).is_ok());
+        let scoped = g(Role::admin(), Some(&["a", "b"]), Some(100));
+        assert!(grants_within(&r, &scoped, &g(Role::user(), Some(&["a"]), Some(100))).is_ok());
         assert_eq!(
-            grants_within(&r, &scoped, &g(Role::User, None, Some(50))),
+            grants_within(&r, &scoped, &g(Role::user(), None, Some(50))),
             Err(Escalation::AllModels(vec!["a".into(), "b".into()]))
         );
         assert_eq!(
-            grants_within(&r, &scoped, &g(Role::User, Some(&["c"]), Some(50))),
+            grants_within(&r, &scoped, &g(Role::user(), Some(&["c"]), Some(50))),
             Err(Escalation::Model("c".into()))
         );
         assert_eq!(
-            grants_within(&r, &scoped, &g(Role::User, Some(&["a"]), None)),
+            grants_within(&r, &scoped, &g(Role::user(), Some(&["a"]), None)),
             Err(Escalation::NoExpiry(100))
         );
         assert_eq!(
-            grants_within(&r, &scoped, &g(Role::User, Some(&["a"]), Some(101))),
+            grants_within(&r, &scoped, &g(Role::user(), Some(&["a"]), Some(101))),
             Err(Escalation::LaterExpiry {
                 requested: 101,
                 creator: 100
@@ -333,19 +409,19 @@ mod tests {
     #[test]
     fn step_up_cannot_be_shed() {
         let mut r = Rbac::default();
-        r.set(Role::Admin, RoleSpec::new(Permission::ALL, true));
-        r.set(Role::User, RoleSpec::new(Permission::ALL, false));
-        let admin = g(Role::Admin, None, None);
+        r.set(Role::admin(), RoleSpec::new(Permission::ALL, true));
+        r.set(Role::user(), RoleSpec::new(Permission::ALL, false));
+        let admin = g(Role::admin(), None, None);
         assert_eq!(
-            grants_within(&r, &admin, &g(Role::User, None, None))
+            grants_within(&r, &admin, &g(Role::user(), None, None))
                 .unwrap_err()
                 .reason(),
             "grant_totp"
         );
-        assert!(grants_within(&r, &admin, &g(Role::Admin, None, None)).is_ok());
+        assert!(grants_within(&r, &admin, &g(Role::admin(), None, None)).is_ok());
         // A role that cannot write sheds nothing by skipping the code.
-        r.set(Role::User, RoleSpec::new([Permission::Inference], false));
-        assert!(grants_within(&r, &admin, &g(Role::User, None, None)).is_ok());
+        r.set(Role::user(), RoleSpec::new([Permission::Inference], false));
+        assert!(grants_within(&r, &admin, &g(Role::user(), None, None)).is_ok());
     }
 
     #[test]
@@ -355,9 +431,9 @@ mod tests {
             requests_per_minute: rpm,
             ..KeyLimits::default()
         };
-        let mut creator = g(Role::Admin, None, None);
+        let mut creator = g(Role::admin(), None, None);
         creator.limits = limited(Some(60));
-        let mut want = g(Role::User, None, None);
+        let mut want = g(Role::user(), None, None);
         // Unlimited under a limited creator is an escalation...
         let e = grants_within(&r, &creator, &want).unwrap_err();
         assert_eq!(e.reason(), "grant_limits");
@@ -369,5 +445,140 @@ mod tests {
         assert!(grants_within(&r, &creator, &want).is_ok());
         want.limits = limited(Some(1));
         assert!(grants_within(&r, &creator, &want).is_ok());
+    }
+
+    fn role(name: &str) -> Role {
+        Role::new(name).unwrap()
+    }
+
+    fn principal(name: &str) -> Principal {
+        Principal::new(crate::PrincipalKind::ApiKey, "k1".into(), role(name), None)
+    }
+
+    /// `ops`: models:read + models:write (no inference); `auditor`:
+    /// audit:read only; `keyops`: keys:write + models:read (no models:write).
+    fn custom() -> Rbac {
+        let mut r = Rbac::default();
+        r.set(
+            role("ops"),
+            RoleSpec::new([Permission::ModelsRead, Permission::ModelsWrite], true),
+        );
+        r.set(role("auditor"), RoleSpec::new([Permission::AuditRead], false));
+        r.set(
+            role("keyops"),
+            RoleSpec::new([Permission::KeysWrite, Permission::ModelsRead], false),
+        );
+        r
+    }
+
+    #[test]
+    fn custom_roles_hold_exactly_their_permissions() {
+        let r = custom();
+        let ops = principal("ops");
+        assert!(r.allows(&ops, Permission::ModelsRead));
+        assert!(r.allows(&ops, Permission::ModelsWrite));
+        assert!(r.totp_required(&ops));
+        assert_eq!(
+            r.check(&ops, Permission::Inference),
+            Err(Denied::Missing {
+                role: role("ops"),
+                permission: Permission::Inference
+            })
+        );
+        let auditor = principal("auditor");
+        for p in Permission::ALL {
+            assert_eq!(r.allows(&auditor, p), p == Permission::AuditRead, "{p}");
+        }
+        // Defining roles leaves the built-ins as they were.
+        assert!(r.allows(&principal("user"), Permission::Inference));
+        assert!(r.allows(&principal("admin"), Permission::KeysWrite));
+        assert_eq!(r.names(), "admin, auditor, keyops, ops, user");
+    }
+
+    #[test]
+    fn an_undefined_role_is_denied_everything_and_named() {
+        let r = custom();
+        let ghost = principal("ghost");
+        for p in Permission::ALL {
+            assert!(!r.allows(&ghost, p), "{p}");
+        }
+        let e = r.check(&ghost, Permission::Inference).unwrap_err();
+        assert_eq!(e, Denied::UndefinedRole(role("ghost")));
+        assert!(e.to_string().contains("role ghost is not defined"), "{e}");
+        assert!(r.totp_required(&ghost), "no lax reading of an undefined role");
+        assert!(r.role(&role("ghost")).permissions.is_empty());
+        // A built-in taken away is as undefined as any other name: the
+        // default table has no `ops`.
+        assert!(!Rbac::default().allows(&principal("ops"), Permission::ModelsRead));
+    }
+
+    #[test]
+    fn grants_with_custom_roles() {
+        let r = custom();
+        let ops = g(role("ops"), None, None);
+        let admin = g(Role::admin(), None, None);
+        // ops may not mint admin (admin holds inference, keys:write, ...).
+        let e = grants_within(&r, &ops, &admin).unwrap_err();
+        assert_eq!(e.reason(), "grant_permission");
+        assert!(e.to_string().contains("creating principal's role (ops)"), "{e}");
+        // admin may mint ops (and ops's TOTP is stricter, not weaker).
+        assert!(grants_within(&r, &admin, &ops).is_ok());
+        // keys:write without models:write may not mint a role with it...
+        let keyops = g(role("keyops"), None, None);
+        assert_eq!(
+            grants_within(&r, &keyops, &ops),
+            Err(Escalation::Permission {
+                role: role("ops"),
+                creator: role("keyops"),
+                permission: Permission::ModelsWrite
+            })
+        );
+        // ...but may mint a role within its own set, even one with nothing.
+        assert!(grants_within(&r, &keyops, &g(role("keyops"), None, None)).is_ok());
+        let mut r2 = r.clone();
+        r2.set(role("nothing"), RoleSpec::new([], false));
+        assert!(grants_within(&r2, &keyops, &g(role("nothing"), None, None)).is_ok());
+        // An undefined role is refused even though it holds nothing today.
+        assert_eq!(
+            grants_within(&r, &admin, &g(role("later"), None, None)),
+            Err(Escalation::UndefinedRole(role("later")))
+        );
+        // ops needs TOTP to write; a code-free writing role would shed it.
+        let mut r3 = r.clone();
+        r3.set(role("lax"), RoleSpec::new([Permission::ModelsWrite], false));
+        assert_eq!(
+            grants_within(&r3, &ops, &g(role("lax"), None, None))
+                .unwrap_err()
+                .reason(),
+            "grant_totp"
+        );
+    }
+
+    #[test]
+    fn working_keys_with_undefined_roles_are_listed() {
+        let rec = |id: &str, name: &str, revoked: Option<u64>, expires: Option<u64>| KeyRecord {
+            id: id.into(),
+            role: role(name),
+            models: Vec::new(),
+            created: 0,
+            expires,
+            revoked,
+            secret_sha256: String::new(),
+            limits: None,
+        };
+        let records = [
+            rec("a", "ops", None, None),
+            rec("b", "ghost", None, None),
+            rec("c", "ghost", Some(5), None),
+            rec("d", "ghost", None, Some(10)),
+            rec("e", "ghost", None, Some(1000)),
+            rec("f", "user", None, None),
+        ];
+        let ids: Vec<&str> = custom()
+            .keys_with_undefined_roles(&records, 100)
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(ids, ["b", "e"]);
     }
 }

@@ -193,20 +193,13 @@ impl JwtAuth {
         };
         let c = &st.config;
         let role = match &c.role_claim {
-            None => Role::User,
+            None => Role::user(),
             Some(claim) => {
                 let values = claim_strings(verified.claims.get(claim));
-                let mapped: Vec<Role> = values.iter().filter_map(|v| c.roles.get(v).copied()).collect();
-                if mapped.contains(&Role::Admin) {
-                    Role::Admin
-                } else if mapped.contains(&Role::User) {
-                    Role::User
-                } else {
-                    return Err(TokenRefusal::NoGrant {
-                        reason: "jwt_role_unmapped",
-                        message: format!("token claim {claim:?} maps to no moat role"),
-                    });
-                }
+                mapped_role(&values, &c.roles).ok_or_else(|| TokenRefusal::NoGrant {
+                    reason: "jwt_role_unmapped",
+                    message: format!("token claim {claim:?} maps to no moat role"),
+                })?
             }
         };
         let models = match &c.models_claim {
@@ -433,11 +426,22 @@ fn fetch(url: &str, allow_internal: bool) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{url}: {e}"))
 }
 
+/// The role a token's role-claim values map to: the first value, in the
+/// claim's own order, that `roles` maps. Roles are not ranked against
+/// each other (custom roles' permission sets need not nest), so the rule
+/// is positional; it is the claim's order rather than the `[rbac]` table's
+/// because that order is the identity provider's statement about this
+/// subject, and a TOML table's key order is not kept by the parser. A
+/// subject meant to get one role should carry one mapped value.
+fn mapped_role(values: &[String], roles: &BTreeMap<String, Role>) -> Option<Role> {
+    values.iter().find_map(|v| roles.get(v).cloned())
+}
+
 /// Maps a verified client certificate's principal to a role.
 pub fn mtls_principal(name: &str, roles: &BTreeMap<String, Role>) -> Option<Principal> {
     roles
         .get(name)
-        .map(|role| Principal::new(PrincipalKind::Mtls, format!("mtls:{name}"), *role, None))
+        .map(|role| Principal::new(PrincipalKind::Mtls, format!("mtls:{name}"), role.clone(), None))
 }
 
 #[cfg(test)]
@@ -476,12 +480,37 @@ mod tests {
 
     #[test]
     fn mtls_mapping() {
-        let roles = BTreeMap::from([("spiffe://corp/a".to_owned(), Role::Admin)]);
+        let ops = Role::new("ops").unwrap_or_else(|_| Role::user());
+        let roles = BTreeMap::from([
+            ("spiffe://corp/a".to_owned(), Role::admin()),
+            ("spiffe://corp/o".to_owned(), ops.clone()),
+        ]);
         let p = mtls_principal("spiffe://corp/a", &roles);
         assert_eq!(
             p.map(|p| (p.key_id, p.role)),
-            Some(("mtls:spiffe://corp/a".to_owned(), Role::Admin))
+            Some(("mtls:spiffe://corp/a".to_owned(), Role::admin()))
         );
+        let p = mtls_principal("spiffe://corp/o", &roles);
+        assert_eq!(p.map(|p| p.role), Some(ops));
         assert!(mtls_principal("spiffe://corp/b", &roles).is_none());
+    }
+
+    #[test]
+    fn a_claim_mapping_to_several_roles_takes_the_first_in_claim_order() {
+        let role = |n: &str| Role::new(n).unwrap_or_else(|_| Role::user());
+        let roles = BTreeMap::from([
+            ("admins".to_owned(), Role::admin()),
+            ("sre".to_owned(), role("ops")),
+            ("staff".to_owned(), Role::user()),
+        ]);
+        let v = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            mapped_role(&v(&["other", "sre", "admins"]), &roles),
+            Some(role("ops"))
+        );
+        assert_eq!(mapped_role(&v(&["admins", "sre"]), &roles), Some(Role::admin()));
+        assert_eq!(mapped_role(&v(&["staff", "admins"]), &roles), Some(Role::user()));
+        assert_eq!(mapped_role(&v(&["other"]), &roles), None);
+        assert_eq!(mapped_role(&[], &roles), None);
     }
 }

@@ -105,6 +105,10 @@ pub struct CliContext {
     pub keys_file: PathBuf,
     pub encryption: EncryptionConfig,
     pub audit: Option<AuditConfig>,
+    /// The config's roles (`[rbac]`), so that `moat keys create --role`
+    /// is checked against the roles the server will know; `None` without
+    /// a config file.
+    pub rbac: Option<moat_guard::Rbac>,
 }
 
 impl RawConfig {
@@ -121,6 +125,7 @@ impl RawConfig {
             keys_file: self.keys_file.clone().unwrap_or_else(|| home.join("keys.json")),
             encryption: encryption_config(&self.encryption, &self.store, &home),
             audit: audit_config(&self.audit, &home)?,
+            rbac: Some(self.rbac.validate()?),
             home,
         })
     }
@@ -634,10 +639,13 @@ impl RawConfig {
             access::plane_access("inference", self.inference.allow_cidrs, self.inference.tls)?;
         let metrics_access = access::plane_access("metrics", self.metrics.allow_cidrs, self.metrics.tls)?;
         let limits = self.limits.validate()?;
+        // First: the JWT, mTLS and rate-limit sections may name only the
+        // roles it defines.
+        let rbac = self.rbac.validate()?;
         let mut jwt: Vec<JwtIssuerConfig> = Vec::new();
         for (i, raw) in self.auth.jwt.into_iter().enumerate() {
             let prefix = format!("auth.jwt[{i}]");
-            let issuer = raw.validate(&prefix)?;
+            let issuer = raw.validate(&prefix, &rbac)?;
             if jwt.iter().any(|j| j.issuer == issuer.issuer) {
                 return Err(invalid(
                     format!("{prefix}.issuer"),
@@ -646,7 +654,7 @@ impl RawConfig {
             }
             jwt.push(issuer);
         }
-        let mtls_roles = self.auth.mtls.validate()?;
+        let mtls_roles = self.auth.mtls.validate(&rbac)?;
         let management = self.management.map(|m| m.validate(&home)).transpose()?;
         if let Some(m) = &management
             && [inference_listen, metrics_listen].contains(&m.listen)
@@ -657,7 +665,6 @@ impl RawConfig {
                 format!("{} is also the inference or metrics address", m.listen),
             ));
         }
-        let rbac = self.rbac.validate()?;
         if !mtls_roles.is_empty()
             && inference_access.tls.is_none()
             && metrics_access.tls.is_none()
@@ -668,7 +675,7 @@ impl RawConfig {
                 "client certificates need TLS with client_auth on a plane",
             ));
         }
-        let rate_limits = self.rate_limits.validate()?;
+        let rate_limits = self.rate_limits.validate(&rbac)?;
         let tracing = self.tracing.validate()?;
         Ok(Config {
             management,
@@ -771,9 +778,19 @@ mod tests {
             std::time::Duration::from_millis(500)
         );
         assert_eq!(c.limits.idle_timeout, std::time::Duration::from_secs(5));
-        assert_eq!(c.jwt[0].roles.get("ops"), Some(&moat_guard::Role::Admin));
-        assert_eq!(c.rate_limits.user.requests_per_minute, Some(60));
-        assert_eq!(c.rate_limits.admin.requests_per_minute, Some(600));
+        assert_eq!(c.jwt[0].roles.get("ops"), Some(&moat_guard::Role::admin()));
+        assert_eq!(
+            c.rate_limits
+                .for_role(&moat_guard::Role::user())
+                .requests_per_minute,
+            Some(60)
+        );
+        assert_eq!(
+            c.rate_limits
+                .for_role(&moat_guard::Role::admin())
+                .requests_per_minute,
+            Some(600)
+        );
         assert_eq!(c.rate_limits.redis_addr.as_deref(), Some("127.0.0.1:6379"));
         assert_eq!(c.rate_limits.on_redis_error, OnRedisError::Open);
         assert_eq!(
@@ -985,5 +1002,93 @@ mod tests {
         }
         let err = check("[inference]\nlisten2 = 1\n").unwrap_err().to_string();
         assert!(err.contains("listen2"), "{err}");
+    }
+
+    #[test]
+    fn custom_roles_can_be_mapped_and_limited_once_defined() {
+        use moat_guard::Role;
+        let ops = Role::new("ops").unwrap();
+        let c = check(
+            "[rbac.roles.ops]\npermissions = [\"models:read\", \"models:write\"]\n\
+             [rbac.roles.auditor]\npermissions = [\"audit:read\"]\n\
+             [[auth.jwt]]\nissuer = \"https://idp\"\naudiences = [\"moat\"]\njwks_file = \"/j.json\"\n\
+             role_claim = \"groups\"\nroles = { sre = \"ops\", audit = \"auditor\", staff = \"user\" }\n\
+             [rate_limits]\nrequests_per_minute = 60\n\
+             [rate_limits.roles.ops]\nrequests_per_minute = 5\n[[models]]\nname = \"demo\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.jwt[0].roles.get("sre"), Some(&ops));
+        assert_eq!(c.rate_limits.for_role(&ops).requests_per_minute, Some(5));
+        // A role without its own section gets the [rate_limits] values,
+        // as `user` and `admin` do.
+        let auditor = Role::new("auditor").unwrap();
+        assert_eq!(c.rate_limits.for_role(&auditor).requests_per_minute, Some(60));
+        assert_eq!(
+            c.rate_limits.for_role(&Role::admin()).requests_per_minute,
+            Some(60)
+        );
+
+        let jwt =
+            "[[auth.jwt]]\nissuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nrole_claim = \"r\"\n";
+        let cases = [
+            // Not a role name at all.
+            (
+                format!("{jwt}roles = {{ x = \"Ops\" }}"),
+                "auth.jwt[0].roles.x",
+                "lower-case",
+            ),
+            // A name, but no [rbac.roles.ops] defines it.
+            (
+                format!("{jwt}roles = {{ x = \"ops\" }}"),
+                "auth.jwt[0].roles.x",
+                "not defined",
+            ),
+            (
+                "[auth.mtls]\nroles = { \"spiffe://a\" = \"ops\" }".to_owned(),
+                "auth.mtls.roles.\"spiffe://a\"",
+                "not defined",
+            ),
+            (
+                "[rate_limits.roles.nosuch]\nrequests_per_minute = 1".to_owned(),
+                "rate_limits.roles.nosuch",
+                "not defined",
+            ),
+            (
+                "[rate_limits.roles.\"No Such\"]\nrequests_per_minute = 1".to_owned(),
+                "rate_limits.roles.No Such",
+                "lower-case",
+            ),
+            (
+                "[rbac.roles.\"-ops\"]\npermissions = []".to_owned(),
+                "rbac.roles.-ops",
+                "lower-case",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let text = format!("{text}\n[[models]]\nname=\"a\"\n");
+            let err = check(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{key}:")) && err.contains(why),
+                "{text:?}: {err}"
+            );
+        }
+        // Top-level values incomplete alone (a burst without a rate) are
+        // fine while every role has its own rate, and an error as soon as
+        // a role without a section would get them.
+        let sectioned = "[rate_limits]\nburst = 2\n[rate_limits.roles.admin]\nrequests_per_minute = 600\n\
+                         [rate_limits.roles.user]\nrequests_per_minute = 60\n";
+        let c = check(&format!("{sectioned}[[models]]\nname=\"a\"\n")).unwrap();
+        assert_eq!(c.rate_limits.for_role(&Role::user()).burst, Some(2));
+        let err = check(&format!(
+            "{sectioned}[rbac.roles.ops]\npermissions = []\n[[models]]\nname=\"a\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("rate_limits.burst:"), "{err}");
+        // Defined in [rbac], the same mapping is accepted.
+        let text = format!(
+            "{jwt}roles = {{ x = \"ops\" }}\n[rbac.roles.ops]\npermissions = []\n[[models]]\nname=\"a\"\n"
+        );
+        assert!(check(&text).is_ok());
     }
 }

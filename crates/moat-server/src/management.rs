@@ -39,7 +39,7 @@ use moat_artifact::source::{Env, Source, SourceError};
 use moat_audit::{AuditRecord, Outcome, action};
 use moat_engine::generate::EngineOptions;
 use moat_guard::keys::{KeyRecord, KeyStore, now_unix, parse_duration};
-use moat_guard::rbac::{Grants, Permission, grants_within};
+use moat_guard::rbac::{Escalation, Grants, Permission, grants_within};
 use moat_guard::totp::TotpStore;
 use moat_guard::{Principal, Role};
 use serde::Deserialize;
@@ -210,11 +210,10 @@ pub fn authorize(m: &Management, req: Request) -> Result<Request, Response> {
         return Err(refuse(&req, "rbac", "missing_permission", err));
     };
     let rbac = m.app.rbac_for(req.extensions());
-    if !rbac.allows(&principal, perm) {
-        let err = ApiError::forbidden(format!(
-            "role {} lacks the {perm} permission this route needs",
-            principal.role
-        ));
+    if let Err(denied) = rbac.check(&principal, perm) {
+        // An undefined role is named as such: "lacks the permission" would
+        // send the operator looking in the wrong role's definition.
+        let err = ApiError::forbidden(denied.to_string());
         return Err(refuse(&req, "rbac", "missing_permission", err));
     }
     if perm == Permission::ModelsWrite && m.control == ModelControl::None {
@@ -747,7 +746,7 @@ struct CreateKey {
     limits: Option<moat_guard::KeyLimits>,
 }
 
-fn escalation(ctx: Option<&Arc<RequestContext>>, e: &moat_guard::rbac::Escalation) -> ApiError {
+fn escalation(ctx: Option<&Arc<RequestContext>>, e: &Escalation) -> ApiError {
     if let Some(c) = ctx {
         c.set_rejection(Rejection::new("rbac", e.reason()));
     }
@@ -767,10 +766,14 @@ async fn create_key(
 ) -> Result<Response, ApiError> {
     let ctx = context(&parts);
     let req: CreateKey = parse(&body)?;
-    let role: Role = req
-        .role
-        .parse()
-        .map_err(|e: moat_guard::keys::KeyError| ApiError::bad_request(Some("role".into()), e.to_string()))?;
+    let role = Role::new(&req.role).map_err(|e| ApiError::bad_request(Some("role".into()), e.to_string()))?;
+    let rbac = m.app.rbac_for(&parts.extensions);
+    if !rbac.is_defined(&role) {
+        return Err(ApiError::bad_request(
+            Some("role".into()),
+            format!("role {role} is not defined in [rbac] (defined: {})", rbac.names()),
+        ));
+    }
     if let Some(list) = &req.models {
         if list.is_empty() {
             return Err(ApiError::bad_request(
@@ -795,14 +798,13 @@ async fn create_key(
         .map_err(|e| ApiError::bad_request(Some("limits".into()), e))?;
     let now = now_unix();
     let requested = Grants {
-        role,
+        role: role.clone(),
         models: req.models.clone(),
         expires: ttl.map(|t| now.saturating_add(t)),
-        limits: m.app.rate.load().role_limits(role).tightest(&own_limits),
+        limits: m.app.rate.load().role_limits(&role).tightest(&own_limits),
     };
     let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
-    grants_within(&m.app.rbac_for(&parts.extensions), &creator, &requested)
-        .map_err(|e| escalation(ctx.as_ref(), &e))?;
+    grants_within(&rbac, &creator, &requested).map_err(|e| escalation(ctx.as_ref(), &e))?;
     let keys = m.keys.clone();
     let models = req.models.unwrap_or_default();
     let key = blocking(move || keys.create_with(role, models, ttl, Some(own_limits)))
@@ -837,9 +839,9 @@ async fn revoke_key(
     // Revoking is a power over the key: only over keys whose grants the
     // caller could have created (a scoped user cannot cut off an admin).
     if target.id != principal.key_id {
-        let role_limits = m.app.rate.load().role_limits(target.role);
+        let role_limits = m.app.rate.load().role_limits(&target.role);
         let grants = Grants {
-            role: target.role,
+            role: target.role.clone(),
             models: (!target.models.is_empty()).then(|| target.models.clone()),
             expires: target.expires,
             limits: target
@@ -848,8 +850,14 @@ async fn revoke_key(
                 .map_or(role_limits, |l| role_limits.tightest(l)),
         };
         let creator = Grants::of(&principal, m.app.rate.load().limits_for(&principal));
-        grants_within(&m.app.rbac_for(&parts.extensions), &creator, &grants)
-            .map_err(|e| escalation(ctx.as_ref(), &e))?;
+        match grants_within(&m.app.rbac_for(&parts.extensions), &creator, &grants) {
+            Ok(()) => {}
+            // A key whose role is not defined holds nothing, so revoking it
+            // takes nothing from anyone; it must stay revocable, or a role
+            // removed from the config would leave keys no one can retire.
+            Err(Escalation::UndefinedRole(_)) => {}
+            Err(e) => return Err(escalation(ctx.as_ref(), &e)),
+        }
     }
     let keys = m.keys.clone();
     let rec = blocking(move || keys.revoke(&id)).await?.map_err(key_error)?;

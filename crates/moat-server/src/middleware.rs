@@ -395,18 +395,18 @@ pub fn require_inference(state: &AppState, req: Request) -> Result<Request, Resp
     if !req.uri().path().starts_with("/v1/") {
         return Ok(req);
     }
-    match req.extensions().get::<Principal>() {
-        Some(p) if !state.rbac_for(req.extensions()).allows(p, Permission::Inference) => {
+    let Some(p) = req.extensions().get::<Principal>() else {
+        return Ok(req);
+    };
+    match state.rbac_for(req.extensions()).check(p, Permission::Inference) {
+        Ok(()) => Ok(req),
+        Err(denied) => {
             if let Some(ctx) = req.extensions().get::<Arc<RequestContext>>() {
                 ctx.set_rejection(Rejection::new("rbac", "missing_permission"));
             }
-            Err(ApiError::forbidden(format!(
-                "role {} lacks the inference permission this route needs",
-                p.role
-            ))
-            .into_response())
+            // Names an undefined role as such, not as lacking a permission.
+            Err(ApiError::forbidden(denied.to_string()).into_response())
         }
-        _ => Ok(req),
     }
 }
 

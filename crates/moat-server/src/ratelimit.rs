@@ -256,12 +256,12 @@ impl RateLimits {
     /// The limits that apply to `p`: its role's, tightened by its API
     /// key's own limits when it has any.
     /// The limits a role's principals get before any key's own.
-    pub fn role_limits(&self, role: Role) -> PrincipalLimits {
+    pub fn role_limits(&self, role: &Role) -> PrincipalLimits {
         *self.config.for_role(role)
     }
 
     pub fn limits_for(&self, p: &Principal) -> PrincipalLimits {
-        let role = *self.config.for_role(p.role);
+        let role = *self.config.for_role(&p.role);
         if p.kind != PrincipalKind::ApiKey {
             return role;
         }
@@ -488,12 +488,12 @@ mod tests {
     use moat_guard::{PrincipalKind, Role};
 
     fn user() -> Principal {
-        Principal::new(PrincipalKind::Jwt, "jwt:i#u".into(), Role::User, None)
+        Principal::new(PrincipalKind::Jwt, "jwt:i#u".into(), Role::user(), None)
     }
 
     fn limits(l: PrincipalLimits) -> Arc<RateLimits> {
         Arc::new(RateLimits::new(RateLimitConfig {
-            user: l,
+            defaults: l,
             ..RateLimitConfig::default()
         }))
     }
@@ -534,13 +534,13 @@ mod tests {
     }
 
     fn keyed(id: &str) -> Principal {
-        Principal::new(PrincipalKind::ApiKey, id.into(), Role::User, None)
+        Principal::new(PrincipalKind::ApiKey, id.into(), Role::user(), None)
     }
 
     fn record(id: &str, limits: Option<KeyLimits>) -> KeyRecord {
         KeyRecord {
             id: id.into(),
-            role: Role::User,
+            role: Role::user(),
             models: Vec::new(),
             created: 0,
             expires: None,
@@ -588,7 +588,7 @@ mod tests {
         }
         // A JWT principal whose subject happens to equal a key id gets no
         // key limits.
-        let jwt = Principal::new(PrincipalKind::Jwt, "tight".into(), Role::User, None);
+        let jwt = Principal::new(PrincipalKind::Jwt, "tight".into(), Role::user(), None);
         assert_eq!(rl.limits_for(&jwt).requests_per_minute, Some(600));
     }
 
@@ -635,7 +635,7 @@ mod tests {
     #[tokio::test]
     async fn concurrency_with_redis_down_follows_on_redis_error() {
         let cfg = |on| RateLimitConfig {
-            user: PrincipalLimits {
+            defaults: PrincipalLimits {
                 max_concurrent: Some(1),
                 ..Default::default()
             },

@@ -289,6 +289,23 @@ impl Reloader {
     }
 }
 
+/// Logs a warning naming every working key whose role `rbac` does not
+/// define (such a key is refused everything): called whenever the keys or
+/// the roles in force change, i.e. at start, on reload and when the keys
+/// file is edited.
+pub fn warn_undefined_roles(rbac: &moat_guard::Rbac, records: &[moat_guard::keys::KeyRecord]) {
+    let orphans = rbac.keys_with_undefined_roles(records, moat_guard::keys::now_unix());
+    if orphans.is_empty() {
+        return;
+    }
+    let keys: Vec<String> = orphans.iter().map(|r| format!("{} ({})", r.id, r.role)).collect();
+    tracing::warn!(
+        keys = %keys.join(", "),
+        defined = %rbac.names(),
+        "API keys with a role that [rbac] does not define are refused everything; define the role or revoke the keys"
+    );
+}
+
 /// The issuers of `configs`, keys loaded (blocking I/O, so on a blocking
 /// thread); `None` when there are none.
 async fn load_issuers(
@@ -350,7 +367,7 @@ mod tests {
         // Set directly: a config with `[auth.mtls]` validates only with
         // TLS certificate files in place.
         let mut c = a.clone();
-        c.mtls_roles.insert("spiffe://a".into(), moat_guard::Role::User);
+        c.mtls_roles.insert("spiffe://a".into(), moat_guard::Role::user());
         assert_eq!(changed_sections(&a, &c), (vec!["auth.mtls"], vec![]));
     }
 

@@ -142,6 +142,7 @@ impl AppState {
     /// Installs the keys file's records: the keyring that authenticates
     /// and the per-key limits the rate limiter applies, from one read.
     pub fn set_keys(&self, records: Vec<moat_guard::keys::KeyRecord>) {
+        crate::reload::warn_undefined_roles(&self.rbac.load(), &records);
         self.rate.load().set_key_limits(&records);
         self.set_keyring(Keyring::new(records));
     }

@@ -70,7 +70,7 @@ const TTL: Duration = Duration::from_millis(300);
 
 fn config(addr: &str) -> RateLimitConfig {
     RateLimitConfig {
-        user: PrincipalLimits {
+        defaults: PrincipalLimits {
             max_concurrent: Some(1),
             ..Default::default()
         },
@@ -82,7 +82,7 @@ fn config(addr: &str) -> RateLimitConfig {
 }
 
 fn user() -> Principal {
-    Principal::new(PrincipalKind::ApiKey, "k1".into(), Role::User, None)
+    Principal::new(PrincipalKind::ApiKey, "k1".into(), Role::user(), None)
 }
 
 /// Polls `rl` until it admits `user()`; the time that took.

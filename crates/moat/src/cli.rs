@@ -291,7 +291,12 @@ impl KeyLimitArgs {
 enum KeysCommand {
     /// Create a key; the key is printed once and only its hash is stored.
     Create {
-        #[arg(long, value_parser = ["admin", "user"])]
+        /// Role: `admin`, `user`, or one defined by `[rbac.roles.NAME]`.
+        /// With --config the role must be defined there; without it any
+        /// well-formed name (a-z, then a-z 0-9 _ -, at most 32) is accepted,
+        /// and a server whose config does not define the role refuses the
+        /// key everything.
+        #[arg(long, value_name = "ROLE")]
         role: String,
         /// Models the key may use (comma-separated; default all).
         #[arg(long, value_delimiter = ',')]
@@ -662,7 +667,20 @@ fn keys(cmd: KeysCommand, ctx: &moat_server::config::CliContext) -> Result<ExitC
             expires,
             limits,
         } => {
-            let role: Role = role.parse()?;
+            let role = Role::new(&role)?;
+            match &ctx.rbac {
+                Some(rbac) if !rbac.is_defined(&role) => bail!(
+                    "role {role} is not defined in the config's [rbac] (defined: {}); \
+                     add [rbac.roles.{role}] first",
+                    rbac.names()
+                ),
+                Some(_) => {}
+                None if role.is_admin() || role == Role::user() => {}
+                None => eprintln!(
+                    "moat: note: no --config, so role {role} was not checked against [rbac]; \
+                     a server whose config does not define it refuses this key everything"
+                ),
+            }
             for m in &models {
                 moat_artifact::name::ModelName::parse(m)?;
             }
@@ -696,15 +714,27 @@ fn keys(cmd: KeysCommand, ctx: &moat_server::config::CliContext) -> Result<ExitC
         }
         KeysCommand::List => {
             let now = moat_guard::keys::now_unix();
+            let records = store.records()?;
+            // Custom role names are up to 32 characters; keep columns aligned.
+            let w = records
+                .iter()
+                .map(|k| k.role.as_str().len())
+                .max()
+                .unwrap_or(0)
+                .max(5);
             println!(
-                "{:<16}  {:<5}  {:<9}  {:<20}  {:<24}  limits",
+                "{:<16}  {:<w$}  {:<9}  {:<20}  {:<24}  limits",
                 "id", "role", "state", "expires", "models"
             );
-            for k in store.records()? {
+            for k in records {
                 let state = if k.revoked.is_some() {
                     "revoked"
                 } else if k.expires.is_some_and(|e| now >= e) {
                     "expired"
+                } else if ctx.rbac.as_ref().is_some_and(|r| !r.is_defined(&k.role)) {
+                    // The config given defines no such role: the key is
+                    // refused everything until it does.
+                    "no-role"
                 } else {
                     "active"
                 };
@@ -718,9 +748,9 @@ fn keys(cmd: KeysCommand, ctx: &moat_server::config::CliContext) -> Result<ExitC
                 };
                 let limits = k.limits.unwrap_or_default();
                 println!(
-                    "{:<16}  {:<5}  {state:<9}  {expires:<20}  {models:<24}  {limits}",
+                    "{:<16}  {:<w$}  {state:<9}  {expires:<20}  {models:<24}  {limits}",
                     k.id,
-                    k.role.to_string()
+                    k.role.as_str()
                 );
             }
         }

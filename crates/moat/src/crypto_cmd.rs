@@ -37,6 +37,7 @@ pub fn context(config: Option<&Path>, keys_file: Option<PathBuf>, store: &StoreA
                 encrypt_store: false,
             },
             audit: None,
+            rbac: None,
             home: root,
         },
     };

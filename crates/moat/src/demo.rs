@@ -43,7 +43,7 @@ pub fn serve_demo(args: &ServeArgs) -> Result<ExitCode> {
     let lock = match pull(&store, &req)? {
         PullOutcome::Promoted { lock, .. } | PullOutcome::AlreadyPresent { lock, .. } => lock,
     };
-    let key = KeyStore::new(home.join("keys.json")).create(Role::Admin, Vec::new(), None)?;
+    let key = KeyStore::new(home.join("keys.json")).create(Role::admin(), Vec::new(), None)?;
     let raw = RawConfig {
         home: Some(home.clone()),
         models: vec![RawModel {

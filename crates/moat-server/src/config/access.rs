@@ -9,8 +9,8 @@
 use super::{ConfigError, invalid};
 use crate::net::Allowlist;
 use crate::tls::{ClientAuth, MinVersion, TlsSettings};
-use moat_guard::Role;
 use moat_guard::jwt::{Algorithm, DEFAULT_MAX_TOKEN_BYTES};
+use moat_guard::{Rbac, Role};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -307,13 +307,26 @@ pub struct JwtIssuerConfig {
     pub models_claim: Option<String>,
 }
 
-fn role(key: &str, v: &str) -> Result<Role, ConfigError> {
-    v.parse::<Role>()
-        .map_err(|_| invalid(key, format!("{v:?}: use \"admin\" or \"user\"")))
+/// A role name from the file that `rbac` must define: a mapping to a role
+/// that does not exist would authenticate callers who are then refused
+/// everything, which is a typo the operator wants to hear about now.
+fn role(key: &str, v: &str, rbac: &Rbac) -> Result<Role, ConfigError> {
+    let r = Role::new(v).map_err(|e| invalid(key, e.to_string()))?;
+    if !rbac.is_defined(&r) {
+        return Err(invalid(
+            key,
+            format!(
+                "role {v:?} is not defined (defined: {}; add [rbac.roles.{v}] to define it)",
+                rbac.names()
+            ),
+        ));
+    }
+    Ok(r)
 }
 
 impl RawJwtIssuer {
-    pub fn validate(self, prefix: &str) -> Result<JwtIssuerConfig, ConfigError> {
+    /// `rbac`: the roles `roles` may map to.
+    pub fn validate(self, prefix: &str, rbac: &Rbac) -> Result<JwtIssuerConfig, ConfigError> {
         let issuer = self
             .issuer
             .filter(|s| !s.is_empty())
@@ -415,7 +428,7 @@ impl RawJwtIssuer {
         }
         let mut roles = BTreeMap::new();
         for (claim, r) in &self.roles {
-            roles.insert(claim.clone(), role(&format!("{prefix}.roles.{claim}"), r)?);
+            roles.insert(claim.clone(), role(&format!("{prefix}.roles.{claim}"), r, rbac)?);
         }
         if !roles.is_empty() && self.role_claim.is_none() {
             return Err(invalid(
@@ -452,10 +465,11 @@ pub struct RawMtls {
 }
 
 impl RawMtls {
-    pub fn validate(self) -> Result<BTreeMap<String, Role>, ConfigError> {
+    /// `rbac`: the roles a certificate may map to.
+    pub fn validate(self, rbac: &Rbac) -> Result<BTreeMap<String, Role>, ConfigError> {
         let mut out = BTreeMap::new();
         for (name, r) in self.roles {
-            let v = role(&format!("auth.mtls.roles.\"{name}\""), &r)?;
+            let v = role(&format!("auth.mtls.roles.\"{name}\""), &r, rbac)?;
             out.insert(name, v);
         }
         Ok(out)
@@ -504,8 +518,11 @@ pub enum OnRedisError {
 
 #[derive(Debug, Clone)]
 pub struct RateLimitConfig {
-    pub admin: PrincipalLimits,
-    pub user: PrincipalLimits,
+    /// What a role without its own `[rate_limits.roles.NAME]` gets: the
+    /// top-level `[rate_limits]` values (the built-ins included).
+    pub defaults: PrincipalLimits,
+    /// Each `[rate_limits.roles.NAME]`, merged over the defaults.
+    pub roles: BTreeMap<Role, PrincipalLimits>,
     pub global_requests_per_second: Option<u64>,
     /// `host:port` of the Redis server shared by replicas.
     pub redis_addr: Option<String>,
@@ -520,8 +537,8 @@ pub struct RateLimitConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         RateLimitConfig {
-            admin: PrincipalLimits::default(),
-            user: PrincipalLimits::default(),
+            defaults: PrincipalLimits::default(),
+            roles: BTreeMap::new(),
             global_requests_per_second: None,
             redis_addr: None,
             redis_timeout: Duration::from_millis(50),
@@ -532,11 +549,10 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    pub fn for_role(&self, role: Role) -> &PrincipalLimits {
-        match role {
-            Role::Admin => &self.admin,
-            Role::User => &self.user,
-        }
+    /// The role's own section, else the defaults (an undefined role gets
+    /// the defaults too, and is refused by `[rbac]` before they matter).
+    pub fn for_role(&self, role: &Role) -> &PrincipalLimits {
+        self.roles.get(role).unwrap_or(&self.defaults)
     }
 }
 
@@ -585,16 +601,26 @@ fn merge(
 }
 
 impl RawRateLimits {
-    pub fn validate(self) -> Result<RateLimitConfig, ConfigError> {
-        for name in self.roles.keys() {
-            role(&format!("rate_limits.roles.{name}"), name)?;
-        }
+    /// `rbac`: the roles `[rate_limits.roles.NAME]` may name.
+    pub fn validate(self, rbac: &Rbac) -> Result<RateLimitConfig, ConfigError> {
         let empty = RawPrincipalLimits::default();
-        let over = |r: &str| self.roles.get(r).unwrap_or(&empty);
-        let admin = merge("rate_limits.roles.admin", &self.defaults, over("admin"))
-            .map_err(|e| rename_default(e, over("admin")))?;
-        let user = merge("rate_limits.roles.user", &self.defaults, over("user"))
-            .map_err(|e| rename_default(e, over("user")))?;
+        // The top-level values are what every role without its own section
+        // gets, so they must make sense alone, unless every defined role
+        // has a section (then they only count merged into those, checked
+        // below, e.g. a top-level `burst` with each role's own rate).
+        let all_sectioned = rbac.roles().all(|(r, _)| self.roles.contains_key(r.as_str()));
+        let defaults = match merge("rate_limits", &self.defaults, &empty) {
+            Ok(d) => d,
+            Err(_) if all_sectioned => raw_limits(&self.defaults),
+            Err(e) => return Err(e),
+        };
+        let mut roles = BTreeMap::new();
+        for (name, over) in &self.roles {
+            let key = format!("rate_limits.roles.{name}");
+            let r = role(&key, name, rbac)?;
+            let limits = merge(&key, &self.defaults, over).map_err(|e| rename_default(e, over))?;
+            roles.insert(r, limits);
+        }
         let global_requests_per_second = positive(
             "rate_limits.global_requests_per_second".into(),
             self.global_requests_per_second,
@@ -643,14 +669,28 @@ impl RawRateLimits {
             (Duration::from_secs(1), Duration::from_secs(3600)),
         )?;
         Ok(RateLimitConfig {
-            admin,
-            user,
+            defaults,
+            roles,
             global_requests_per_second,
             redis_addr,
             redis_timeout,
             on_redis_error,
             concurrency_lease_ttl,
         })
+    }
+}
+
+/// The values as written, unchecked: the limits of a principal whose role
+/// `[rbac]` does not define (refused before any limit applies) when the
+/// top-level values are incomplete on their own.
+fn raw_limits(r: &RawPrincipalLimits) -> PrincipalLimits {
+    PrincipalLimits {
+        requests_per_minute: r.requests_per_minute,
+        burst: r.burst,
+        tokens_per_minute: r.tokens_per_minute,
+        max_concurrent: r.max_concurrent,
+        max_tokens: r.max_tokens,
+        max_n: r.max_n,
     }
 }
 
@@ -708,7 +748,26 @@ mod tests {
 
     fn issuer(toml_text: &str) -> Result<JwtIssuerConfig, String> {
         let raw: RawJwtIssuer = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        raw.validate("auth.jwt[0]").map_err(|e| e.to_string())
+        raw.validate("auth.jwt[0]", &Rbac::default())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn mtls_maps_to_defined_roles_only() {
+        let mut rbac = Rbac::default();
+        let raw = |r: &str| RawMtls {
+            roles: BTreeMap::from([("spiffe://corp/ops".to_owned(), r.to_owned())]),
+        };
+        let e = raw("ops").validate(&rbac).unwrap_err().to_string();
+        assert!(e.starts_with("auth.mtls.roles.\"spiffe://corp/ops\":"), "{e}");
+        assert!(
+            e.contains("defined: admin, user") && e.contains("[rbac.roles.ops]"),
+            "{e}"
+        );
+        let ops = Role::new("ops").unwrap();
+        rbac.set(ops.clone(), moat_guard::RoleSpec::new([], false));
+        let m = raw("ops").validate(&rbac).unwrap();
+        assert_eq!(m.get("spiffe://corp/ops"), Some(&ops));
     }
 
     #[test]

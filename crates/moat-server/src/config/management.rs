@@ -1,5 +1,6 @@
 //! The management plane's configuration (`[management]`) and the role →
-//! permission table (`[rbac.roles.NAME]`).
+//! permission table (`[rbac.roles.NAME]`: the built-in `admin` and `user`
+//! reconfigured, or roles of the operator's own).
 //!
 //! The management plane exists only when the file has a `[management]`
 //! table: a server that was not asked for a management API has no
@@ -108,23 +109,26 @@ pub struct RawRole {
 }
 
 impl RawRbac {
-    /// The built-in table with each configured role replaced. A role given
-    /// without `permissions` keeps its built-in set (so `totp_required`
-    /// alone can be switched on).
-    pub fn validate(self) -> Result<Rbac, ConfigError> {
+    /// The built-in table with each configured role replaced or added. A
+    /// built-in given without `permissions` keeps its built-in set (so
+    /// `totp_required` alone can be switched on); a role of the operator's
+    /// own must list its permissions (an empty list is allowed: a role
+    /// that may do nothing, on purpose).
+    pub fn validate(&self) -> Result<Rbac, ConfigError> {
         let mut rbac = Rbac::default();
-        for (name, raw) in self.roles {
+        for (name, raw) in &self.roles {
             let key = format!("rbac.roles.{name}");
-            let role: Role = name.parse().map_err(|_| {
-                invalid(
-                    &key,
-                    format!(
-                        "{name:?}: roles are \"admin\" and \"user\" (custom role names are not supported)"
-                    ),
-                )
-            })?;
-            let permissions = match raw.permissions {
-                None => rbac.role(role).permissions.clone(),
+            let role = Role::new(name).map_err(|e| invalid(&key, e.to_string()))?;
+            let permissions = match &raw.permissions {
+                None => match rbac.get(&role) {
+                    Some(built_in) => built_in.permissions.clone(),
+                    None => {
+                        return Err(invalid(
+                            format!("{key}.permissions"),
+                            "required for a role that is not built in (admin, user)",
+                        ));
+                    }
+                },
                 Some(list) => {
                     let mut out = std::collections::BTreeSet::new();
                     for (i, p) in list.iter().enumerate() {
@@ -198,13 +202,13 @@ mod tests {
              [rbac.roles.user]\npermissions = [\"inference\", \"keys:write\"]\n",
         )
         .unwrap();
-        let admin = c.rbac.role(Role::Admin);
+        let admin = c.rbac.role(&Role::admin());
         assert!(admin.totp_required);
         assert!(
             admin.allows(Permission::ModelsWrite),
             "permissions kept when not given"
         );
-        let user = c.rbac.role(Role::User);
+        let user = c.rbac.role(&Role::user());
         assert!(user.allows(Permission::KeysWrite));
         assert!(
             !user.allows(Permission::ModelsRead),
@@ -214,7 +218,51 @@ mod tests {
             err("[rbac.roles.user]\npermissions = [\"inference\", \"models:*\"]\n")
                 .starts_with("rbac.roles.user.permissions[1]:")
         );
-        assert!(err("[rbac.roles.ops]\npermissions = []\n").starts_with("rbac.roles.ops:"));
         assert!(err("[rbac.roles.user]\ntotp = true\n").contains("unknown field"));
+    }
+
+    #[test]
+    fn custom_roles_are_defined_by_name() {
+        let c = check(
+            "[rbac.roles.ops]\npermissions = [\"models:read\", \"models:write\"]\ntotp_required = true\n\
+             [rbac.roles.auditor]\npermissions = [\"audit:read\"]\n[rbac.roles.nobody]\npermissions = []\n",
+        )
+        .unwrap();
+        let ops = c.rbac.get(&Role::new("ops").unwrap()).unwrap();
+        assert!(ops.totp_required);
+        assert_eq!(
+            ops.permissions.iter().copied().collect::<Vec<_>>(),
+            [Permission::ModelsRead, Permission::ModelsWrite]
+        );
+        let auditor = c.rbac.get(&Role::new("auditor").unwrap()).unwrap();
+        assert!(auditor.allows(Permission::AuditRead) && !auditor.allows(Permission::Inference));
+        assert!(
+            c.rbac
+                .get(&Role::new("nobody").unwrap())
+                .unwrap()
+                .permissions
+                .is_empty()
+        );
+        // The built-ins stay, with their defaults.
+        assert!(c.rbac.role(&Role::user()).allows(Permission::Inference));
+        assert!(c.rbac.role(&Role::admin()).allows(Permission::KeysWrite));
+
+        // Names are checked and the error names the key.
+        for bad in ["Ops", "2x", "a.b", "ops!"] {
+            let e = err(&format!("[rbac.roles.\"{bad}\"]\npermissions = []\n"));
+            assert!(e.starts_with(&format!("rbac.roles.{bad}:")), "{e}");
+            assert!(e.contains("lower-case letter"), "{e}");
+        }
+        let long = "a".repeat(33);
+        assert!(
+            err(&format!("[rbac.roles.{long}]\npermissions = []\n"))
+                .starts_with(&format!("rbac.roles.{long}:"))
+        );
+        // A custom role has no built-in set to fall back on.
+        assert!(err("[rbac.roles.ops]\ntotp_required = true\n").starts_with("rbac.roles.ops.permissions:"));
+        assert!(
+            err("[rbac.roles.ops]\npermissions = [\"inference\", \"root\"]\n")
+                .starts_with("rbac.roles.ops.permissions[1]:")
+        );
     }
 }
