@@ -5,6 +5,9 @@
 #   upstream  nginx answering a fixed chat completion (the fastest upstream
 #             this machine can have, so the proxies' own cost shows);
 #   nginx     nginx proxying to it (keep-alive pool, 2 workers);
+#   hyper     crates/moat-server/examples/bare_proxy.rs: hyper's server and
+#             pooled client on tokio, 2 workers, nothing else: the floor
+#             for any proxy built on the stack moat uses;
 #   moat      `moat serve` proxying to it with the guard fully on: API key,
 #             RBAC, per-principal rate limit (set high enough never to
 #             trip, so every request pays for the check), TLS off;
@@ -25,12 +28,13 @@ CONNS="${CONNS:-64}"
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
   echo "needs nginx and wrk: apt-get install -y nginx-light wrk" >&2; exit 2; }
 build_release
-(cd "$ROOT" && cargo build --release --locked -p moat-server --example loadgen >&2)
+(cd "$ROOT" && cargo build --release --locked -p moat-server --example loadgen --example bare_proxy >&2)
 LOADGEN="$CARGO_TARGET_DIR/release/examples/loadgen"
+BARE="$CARGO_TARGET_DIR/release/examples/bare_proxy"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP_PORT=$(free_port); NGX_PORT=$(free_port)
+UP_PORT=$(free_port); NGX_PORT=$(free_port); BARE_PORT=$(free_port)
 COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
 
 mkdir -p "$WORK/nginx-up" "$WORK/nginx-proxy"
@@ -77,6 +81,7 @@ http {
 EOF
 nginx -c "$WORK/nginx-up/nginx.conf" -e "$WORK/nginx-up/error.log" & UP_PID=$!
 nginx -c "$WORK/nginx-proxy/nginx.conf" -e "$WORK/nginx-proxy/error.log" & NGX_PID=$!
+"$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$UP_PORT/v1/chat/completions" & BARE_PID=$!
 
 KEYS="$WORK/keys.json"
 KEY=$("$MOAT" keys --keys-file "$KEYS" create --role user --models bench 2>/dev/null | grep -o 'moat_[A-Za-z0-9_]*' | head -1)
@@ -102,12 +107,12 @@ moat_config off >"$WORK/moat-off.toml"
 moat_config on >"$WORK/moat-on.toml"
 
 stop_all() {
-  kill "$UP_PID" "$NGX_PID" 2>/dev/null || true
+  kill "$UP_PID" "$NGX_PID" "$BARE_PID" 2>/dev/null || true
   [ -n "${SERVER_PID:-}" ] && stop_server
   wait 2>/dev/null || true
 }
 for _ in $(seq 50); do
-  curl -fsS "http://127.0.0.1:$UP_PORT/v1/models" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$NGX_PORT/v1/models" >/dev/null 2>&1 && break
+  curl -fsS "http://127.0.0.1:$UP_PORT/v1/models" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$NGX_PORT/v1/models" >/dev/null 2>&1 && curl -fsS -d "{}" "http://127.0.0.1:$BARE_PORT/" >/dev/null 2>&1 && break
   sleep 0.1
 done
 
@@ -136,10 +141,11 @@ for round in $(seq "$ROUNDS"); do
     MOAT_URL="$BASE_URL/chat/completions"
     curl -fsS -H "authorization: Bearer $KEY" -H 'content-type: application/json' -d @"$BODY" "$MOAT_URL" >/dev/null \
       || { echo "moat does not proxy:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
-    for target in direct nginx moat; do
+    for target in direct nginx hyper moat; do
       case $target in
         direct) url="http://127.0.0.1:$UP_PORT/v1/chat/completions" ;;
         nginx) url="http://127.0.0.1:$NGX_PORT/v1/chat/completions" ;;
+        hyper) url="http://127.0.0.1:$BARE_PORT/v1/chat/completions" ;;
         moat) url="$MOAT_URL" ;;
       esac
       [ "$audit" = on ] && [ "$target" != moat ] && continue
@@ -166,7 +172,7 @@ base99 = {r["round"]: r["fixed"]["p99_us"] for r in by["direct"]}
 print(f"fixed rate {rate} req/s, medians of {len(by['direct'])} rounds")
 print("| target | achieved req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | non-2xx+errors | wrk req/s |")
 print("|---|---|---|---|---|---|---|---|")
-for t in ["direct", "nginx", "moat-audit-off", "moat-audit-on"]:
+for t in ["direct", "nginx", "hyper", "moat-audit-off", "moat-audit-on"]:
     rs = by.get(t, [])
     if not rs:
         continue
@@ -178,7 +184,7 @@ for t in ["direct", "nginx", "moat-audit-off", "moat-audit-on"]:
     print(f"| {t} | {med([x['achieved_rate'] for x in f]):.0f} | {med([x['p50_us'] for x in f]):.0f} | "
           f"{med([x['p99_us'] for x in f]):.0f} | {a50:.0f} | {a99:.0f} | {bad} | {wrk:.0f} |")
 n = med([r["wrk_rps"] for r in by["nginx"]])
-for t in ["moat-audit-off", "moat-audit-on"]:
+for t in ["hyper", "moat-audit-off", "moat-audit-on"]:
     if t in by:
         m = med([r["wrk_rps"] for r in by[t]])
         print(f"{t} throughput / nginx = {m / n:.2f}×")
