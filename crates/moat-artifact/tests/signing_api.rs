@@ -12,9 +12,13 @@ use std::path::Path;
 
 fn fixture(name: &str) -> String {
     std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/signing")
-            .join(name),
+        // The folder at run time (cargo sets it for tests): a test binary reused
+        // from a build in another checkout must not read that checkout's files.
+        std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("tests/fixtures/signing")
+        .join(name),
     )
     .unwrap()
 }

@@ -656,7 +656,9 @@ fn s3_private_bucket_sigv4_credentials_chain_and_sse_kms() {
     let model = t.path().join("model");
     demo_model(&model, 4);
     let python = moto_binary().unwrap().parent().unwrap().join("python");
-    let setup = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moto_s3_setup.py");
+    let setup = // The folder at run time (cargo sets it for tests): a test binary reused
+    // from a build in another checkout must not read that checkout's files.
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("tests/fixtures/moto_s3_setup.py");
     let out = Command::new(&python)
         .arg(&setup)
         .args([&moto.url, "models", model.to_str().unwrap(), "kms-models"])

@@ -9,10 +9,15 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../moat-artifact/tests/fixtures/signing")
+    // The folder at run time (cargo sets it for tests): a test binary reused
+    // from a build in another checkout must not read that checkout's files.
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../moat-artifact/tests/fixtures/signing")
 }
 
 fn fx(name: &str) -> String {

@@ -8,9 +8,13 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../moat-artifact/tests/fixtures/signing")
-        .join(name)
+    // The folder at run time (cargo sets it for tests): a test binary reused
+    // from a build in another checkout must not read that checkout's files.
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../moat-artifact/tests/fixtures/signing")
+    .join(name)
 }
 
 fn sign(dir: &Path, key: &str) {

@@ -17,7 +17,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+    // The folder at run time (cargo sets it for tests): a test binary reused
+    // from a build in another checkout must not read that checkout's files.
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests")
 }
 
 fn golden(rel: &str) -> PathBuf {

@@ -514,7 +514,9 @@ fn fuzz_never_panics_on_random_truncated_or_mutated_input() {
 
 #[test]
 fn fuzz_seed_corpus_is_what_its_names_say() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/safetensors_header");
+    let dir = // The folder at run time (cargo sets it for tests): a test binary reused
+    // from a build in another checkout must not read that checkout's files.
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../../fuzz/corpus/safetensors_header");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("seed corpus exists") {
         let path = entry.expect("entry").path();
