@@ -839,18 +839,23 @@ impl Shape {
 
     /// One chunk with one choice, as JSON text.
     fn chunk(&self, choice: ChunkChoice<'_>) -> String {
+        let usage = if self.include_usage {
+            UsageField::Null
+        } else {
+            UsageField::Absent
+        };
+        self.chunk_of([choice], usage)
+    }
+
+    fn chunk_of<C: Serialize>(&self, choices: C, usage: UsageField) -> String {
         to_json(&Chunk {
             id: &self.id,
             object: self.object(),
             created: self.created,
             model: &self.model,
             system_fingerprint: &self.fingerprint,
-            choices: [choice],
-            usage: if self.include_usage {
-                UsageField::Null
-            } else {
-                UsageField::Absent
-            },
+            choices,
+            usage,
         })
     }
 
@@ -923,15 +928,7 @@ impl Shape {
 
     /// The last chunk when usage was asked for: no choices, the counts.
     fn usage(&self, usage: Usage) -> String {
-        to_json(&Chunk {
-            id: &self.id,
-            object: self.object(),
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: &self.fingerprint,
-            choices: [(); 0],
-            usage: UsageField::Counts(WireUsage::of(usage)),
-        })
+        self.chunk_of([(); 0], UsageField::Counts(WireUsage::of(usage)))
     }
 }
 

@@ -68,23 +68,6 @@ fn store() -> (tempfile::TempDir, PathBuf, String, String) {
     (t, store, admin, user)
 }
 
-/// `moat keys create` with extra flags; returns (exit code, id, secret, stderr).
-fn create_key_with(store: &Path, role: &str, extra: &[&str]) -> (i32, String, String, String) {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--role",
-        role,
-        "--store",
-        store.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    let secret = stdout(&o).trim().to_owned();
-    let id = secret.split('_').nth(1).unwrap_or_default().to_owned();
-    (code(&o), id, secret, stderr(&o))
-}
-
 // ---------------------------------------------------------------- per-key limits
 
 #[test]

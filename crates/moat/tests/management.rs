@@ -14,47 +14,6 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// One call: (status, JSON body). `totp` goes in `x-moat-totp`.
-fn call(method: &str, url: &str, key: Option<&str>, totp: Option<&str>, body: Option<Value>) -> (u16, Value) {
-    let a = agent();
-    let auth = key.map(|k| format!("Bearer {k}"));
-    macro_rules! headers {
-        ($r:expr) => {{
-            let mut r = $r;
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            if let Some(t) = totp {
-                r = r.header("x-moat-totp", t);
-            }
-            r
-        }};
-    }
-    let resp = match (method, body) {
-        ("GET", _) => headers!(a.get(url)).call(),
-        ("DELETE", _) => headers!(a.delete(url)).call(),
-        ("POST", b) => headers!(a.post(url).header("Content-Type", "application/json"))
-            .send(b.unwrap_or(Value::Null).to_string()),
-        ("PUT", b) => headers!(a.put(url).header("Content-Type", "application/json"))
-            .send(b.unwrap_or(Value::Null).to_string()),
-        (m, _) => panic!("method {m}"),
-    };
-    let mut resp = resp.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// The management plane's base URL, from the server's start-up log.
-fn management_url(server: &Server) -> String {
-    let log = server.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("management plane listening"))
-        .unwrap_or_else(|| panic!("no management plane in the log:\n{log}"));
-    format!("http://{}", line.rsplit("addr=").next().unwrap().trim())
-}
-
 fn error_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
 }

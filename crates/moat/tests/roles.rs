@@ -14,33 +14,9 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
 
-/// One call: (status, JSON body).
+/// One call with a key: (status, JSON body).
 fn call(method: &str, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let a = agent();
-    let auth = format!("Bearer {key}");
-    let resp = match method {
-        "GET" => a.get(url).header("Authorization", &auth).call(),
-        "DELETE" => a.delete(url).header("Authorization", &auth).call(),
-        "POST" => a
-            .post(url)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json")
-            .send(body.unwrap_or(Value::Null).to_string()),
-        m => panic!("method {m}"),
-    };
-    let mut resp = resp.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-fn management_url(server: &Server) -> String {
-    let log = server.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("management plane listening"))
-        .unwrap_or_else(|| panic!("no management plane in the log:\n{log}"));
-    format!("http://{}", line.rsplit("addr=").next().unwrap().trim())
+    common::call(method, url, Some(key), None, body)
 }
 
 fn message(v: &Value) -> &str {
@@ -49,17 +25,8 @@ fn message(v: &Value) -> &str {
 
 /// `moat keys create --role ROLE` with extra arguments: (exit code, key, stderr).
 fn create(store: &Path, role: &str, extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--role",
-        role,
-        "--store",
-        store.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    (code(&o), stdout(&o).trim().to_owned(), stderr(&o))
+    let (code, _, secret, err) = create_key_with(store, role, extra);
+    (code, secret, err)
 }
 
 fn id_of(secret: &str) -> String {

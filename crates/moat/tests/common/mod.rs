@@ -6,6 +6,7 @@
 // module only). Not every test file uses every fixture.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -429,4 +430,68 @@ pub fn stream_chat(addr: &str, key: &str, model: &str, max_tokens: u32) -> Strin
     let mut out = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One call: (status, JSON body). `totp` goes in `x-moat-totp`.
+pub fn call(
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    totp: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let a = agent();
+    let auth = key.map(|k| format!("Bearer {k}"));
+    macro_rules! headers {
+        ($r:expr) => {{
+            let mut r = $r;
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            if let Some(t) = totp {
+                r = r.header("x-moat-totp", t);
+            }
+            r
+        }};
+    }
+    let resp = match (method, body) {
+        ("GET", _) => headers!(a.get(url)).call(),
+        ("DELETE", _) => headers!(a.delete(url)).call(),
+        ("POST", b) => headers!(a.post(url).header("Content-Type", "application/json"))
+            .send(b.unwrap_or(Value::Null).to_string()),
+        ("PUT", b) => headers!(a.put(url).header("Content-Type", "application/json"))
+            .send(b.unwrap_or(Value::Null).to_string()),
+        (m, _) => panic!("method {m}"),
+    };
+    let mut resp = resp.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The management plane's base URL, from the server's start-up log.
+pub fn management_url(server: &Server) -> String {
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("management plane listening"))
+        .unwrap_or_else(|| panic!("no management plane in the log:\n{log}"));
+    format!("http://{}", line.rsplit("addr=").next().unwrap().trim())
+}
+
+/// `moat keys create` with extra flags; returns (exit code, id, secret, stderr).
+pub fn create_key_with(store: &Path, role: &str, extra: &[&str]) -> (i32, String, String, String) {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--role",
+        role,
+        "--store",
+        store.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    let secret = stdout(&o).trim().to_owned();
+    let id = secret.split('_').nth(1).unwrap_or_default().to_owned();
+    (code(&o), id, secret, stderr(&o))
 }
