@@ -129,21 +129,10 @@ pub fn flip_byte(path: &Path, offset: usize) {
 
 /// Create a key with the CLI; returns (id, secret).
 pub fn create_key(store: &Path, role: &str, models: Option<&str>) -> (String, String) {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--role",
-        role,
-        "--store",
-        store.to_str().unwrap(),
-    ];
-    if let Some(m) = models {
-        args.extend(["--models", m]);
-    }
-    let o = run(&args);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let secret = stdout(&o).trim().to_owned();
-    let id = secret.split('_').nth(1).unwrap().to_owned();
+    let extra: Vec<&str> = models.map(|m| vec!["--models", m]).unwrap_or_default();
+    let (rc, id, secret, err) = create_key_with(store, role, &extra);
+    assert_eq!(rc, 0, "{err}");
+    assert!(!id.is_empty(), "no key id in {secret:?}");
     (id, secret)
 }
 
